@@ -1,0 +1,7 @@
+"""``python -m lpmosd``."""
+
+import sys
+
+from lpmosd.cli import main
+
+sys.exit(main())

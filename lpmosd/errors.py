@@ -1,0 +1,131 @@
+"""One exception tree for lpmosd; errors are mapped to it at every boundary.
+
+::
+
+    LpmosdError
+    ├── ConfigError              bad config file or flag; carries the key path
+    ├── InputError               bad client input (HTTP 4xx); carries the field
+    │   ├── ValidationError      malformed or out-of-range value (400/422)
+    │   ├── NotFoundError        no such server/task (404)
+    │   ├── ConflictError        illegal state transition or already exists (409)
+    │   ├── PayloadTooLargeError body over the limit (413)
+    │   ├── AuthenticationError  no or bad credentials (401)
+    │   └── PermissionDeniedError  credentials lack the role (403)
+    └── EtcdError                anything from the etcd client
+        ├── EtcdUnavailableError no endpoint answered (retryable)
+        ├── EtcdAuthError        etcd refused our credentials or permissions
+        ├── EtcdRequestError     etcd rejected the request (too many ops, too large, ...)
+        ├── CompactedError       the requested revision was compacted: relist
+        ├── ContentionError      atomic_update gave up after its retry bound
+        └── LeaseLost            a lease we held expired, was revoked, or lost keepalive
+
+gRPC status codes are mapped to EtcdError subclasses in ``lpmosd.etcd._bridge``; callers
+never see grpclib types, asyncio.CancelledError or ExceptionGroups from our internals.
+"""
+
+from __future__ import annotations
+
+
+class LpmosdError(Exception):
+    """Base of every error lpmosd raises on purpose."""
+
+
+class ConfigError(LpmosdError):
+    """A configuration value is missing or invalid; ``path`` is the dotted key path."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+        self.message = message
+
+
+class InputError(LpmosdError):
+    """Bad input from a client; ``field`` names the offending field when known."""
+
+    status = 400
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class ValidationError(InputError):
+    """A value is malformed, of the wrong type, or out of range."""
+
+    status = 400
+
+
+class NotFoundError(InputError):
+    """The named server, task or resource does not exist."""
+
+    status = 404
+
+
+class ConflictError(InputError):
+    """The request conflicts with current state (illegal transition, already exists)."""
+
+    status = 409
+
+
+class PayloadTooLargeError(InputError):
+    """The request body exceeds the configured limit."""
+
+    status = 413
+
+
+class AuthenticationError(InputError):
+    """No credentials, or credentials that are wrong, expired or revoked."""
+
+    status = 401
+
+
+class PermissionDeniedError(InputError):
+    """Valid credentials whose role does not allow the request."""
+
+    status = 403
+
+
+class EtcdError(LpmosdError):
+    """Base of errors from the etcd client."""
+
+
+class EtcdUnavailableError(EtcdError):
+    """No etcd endpoint could be reached, or the request timed out; safe to retry reads."""
+
+
+class EtcdAuthError(EtcdError):
+    """etcd refused our credentials or the operation is not permitted for our user."""
+
+
+class EtcdRequestError(EtcdError):
+    """etcd rejected the request itself (invalid argument, too many ops, too large)."""
+
+
+class CompactedError(EtcdError):
+    """The requested revision has been compacted; the caller must relist.
+
+    ``compact_revision`` is the oldest revision still available.
+    """
+
+    def __init__(self, message: str, compact_revision: int) -> None:
+        super().__init__(message)
+        self.compact_revision = compact_revision
+
+
+class ContentionError(EtcdError):
+    """atomic_update could not commit within its retry bound."""
+
+    def __init__(self, key: str, attempts: int) -> None:
+        super().__init__(f"{key}: gave up after {attempts} conflicting attempts")
+        self.key = key
+        self.attempts = attempts
+
+
+class LeaseLost(EtcdError):  # noqa: N818 - the name the design uses
+    """A lease we held is gone: expired, revoked, or keepalives failed past its deadline."""
+
+    def __init__(self, lease_id: int, reason: str) -> None:
+        super().__init__(f"lease {lease_id:x} lost: {reason}")
+        self.lease_id = lease_id
+        self.reason = reason
