@@ -15,6 +15,7 @@
         ├── EtcdUnavailableError no endpoint answered (retryable)
         ├── EtcdAuthError        etcd refused our credentials or permissions
         ├── EtcdRequestError     etcd rejected the request (too many ops, too large, ...)
+        │   └── LeaseNotFoundError  the lease does not exist (expired or revoked)
         ├── CompactedError       the requested revision was compacted: relist
         ├── ContentionError      atomic_update gave up after its retry bound
         └── LeaseLost            a lease we held expired, was revoked, or lost keepalive
@@ -102,6 +103,10 @@ class EtcdRequestError(EtcdError):
     """etcd rejected the request itself (invalid argument, too many ops, too large)."""
 
 
+class LeaseNotFoundError(EtcdRequestError):
+    """The lease does not exist (any more): it expired or was revoked."""
+
+
 class CompactedError(EtcdError):
     """The requested revision has been compacted; the caller must relist.
 
@@ -122,7 +127,7 @@ class ContentionError(EtcdError):
         self.attempts = attempts
 
 
-class LeaseLost(EtcdError):  # noqa: N818 - the name the design uses
+class LeaseLost(EtcdError):
     """A lease we held is gone: expired, revoked, or keepalives failed past its deadline."""
 
     def __init__(self, lease_id: int, reason: str) -> None:

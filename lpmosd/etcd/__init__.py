@@ -1,0 +1,55 @@
+"""A Trio-native etcd v3 client speaking gRPC through grpclib and betterproto2 stubs.
+
+Only :mod:`lpmosd.etcd._bridge` knows that asyncio and gRPC exist.
+"""
+
+from lpmosd.etcd._bridge import TLSFiles
+from lpmosd.etcd.client import Auth, EtcdClient, Write, open_client
+from lpmosd.etcd.lease import HeldLease, open_lease
+from lpmosd.etcd.txn import Compare, Delete, Get, Op, Put, delete, get, prefix_end, put
+from lpmosd.etcd.types import (
+    DeleteResult,
+    EventType,
+    KeyValue,
+    LeaseInfo,
+    MemberStatus,
+    PutResult,
+    RangeResult,
+    TxnResult,
+    UpdateResult,
+    WatchBatch,
+    WatchEvent,
+)
+from lpmosd.etcd.watch import WatchStream, watch
+
+__all__ = [
+    "Auth",
+    "Compare",
+    "Delete",
+    "DeleteResult",
+    "EtcdClient",
+    "EventType",
+    "Get",
+    "HeldLease",
+    "KeyValue",
+    "LeaseInfo",
+    "MemberStatus",
+    "Op",
+    "Put",
+    "PutResult",
+    "RangeResult",
+    "TLSFiles",
+    "TxnResult",
+    "UpdateResult",
+    "WatchBatch",
+    "WatchEvent",
+    "WatchStream",
+    "Write",
+    "delete",
+    "get",
+    "open_client",
+    "open_lease",
+    "prefix_end",
+    "put",
+    "watch",
+]

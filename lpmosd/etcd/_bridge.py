@@ -1,0 +1,412 @@
+"""The one place where asyncio, trio-asyncio and grpclib meet Trio.
+
+grpclib is asyncio-only, so the process opens one trio-asyncio loop and every gRPC call
+crosses over here. Two shapes of call:
+
+* unary calls run as one asyncio coroutine awaited from Trio (``aio_as_trio``);
+* bidirectional streams (Watch, LeaseKeepAlive) each run one asyncio *pump* that owns
+  the grpclib stream. Requests go in through an ``asyncio.Queue`` with ``put_nowait``;
+  responses come out through a bounded Trio memory channel with ``send_nowait``. The
+  pump never awaits Trio: letting asyncio await a Trio operation loses cancellation and
+  hangs forever inside grpclib's buffer read (measured; see DESIGN.md §3).
+
+Everything that leaves this module is Trio-native and raises only ``lpmosd.errors``
+types: gRPC status codes and transport failures are mapped in :func:`map_error`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit
+
+import betterproto2
+import grpclib.client
+import grpclib.config
+import grpclib.const
+import grpclib.exceptions
+import trio
+import trio_asyncio
+
+from lpmosd._trio_util import open_nursery
+from lpmosd.errors import (
+    CompactedError,
+    EtcdAuthError,
+    EtcdError,
+    EtcdRequestError,
+    EtcdUnavailableError,
+    LeaseNotFoundError,
+)
+
+ReqT = TypeVar("ReqT", bound=betterproto2.Message)
+RepT = TypeVar("RepT", bound=betterproto2.Message)
+
+_Status = grpclib.const.Status
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One etcd client URL, parsed."""
+
+    url: str
+    host: str
+    port: int
+    secure: bool
+
+    @classmethod
+    def parse(cls, url: str) -> Endpoint:
+        """Parse ``http://host:port`` or ``https://host:port``."""
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme not in ("http", "https") or not parts.hostname or not parts.port:
+            raise EtcdRequestError(f"bad etcd endpoint {url!r}: want http(s)://host:port")
+        return cls(url, parts.hostname, parts.port, parts.scheme == "https")
+
+
+@dataclass(frozen=True, slots=True)
+class TLSFiles:
+    """TLS material for talking to etcd: CA bundle, optional client certificate and key."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """An SSL context for gRPC over HTTP/2 (ALPN h2)."""
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.cert_file:
+            ctx.load_cert_chain(self.cert_file, self.key_file)
+        ctx.set_alpn_protocols(["h2"])
+        return ctx
+
+
+class AmbiguousError(EtcdUnavailableError):
+    """The connection failed after the request was sent: it may or may not have applied."""
+
+
+# --- error mapping -----------------------------------------------------------------------
+
+
+def _is_compacted(message: str) -> bool:
+    return "compacted" in message
+
+
+def map_error(exc: BaseException, *, sent: bool = False) -> EtcdError:
+    """Map a grpclib/asyncio/OS failure to our error tree.
+
+    ``sent`` says whether the request reached the wire: a transport failure after that is
+    ambiguous for writes (:class:`AmbiguousError`).
+    """
+    if isinstance(exc, EtcdError):
+        return exc
+    if isinstance(exc, grpclib.exceptions.GRPCError):
+        msg = exc.message or exc.status.name
+        status = exc.status
+        if status in (_Status.UNAUTHENTICATED, _Status.PERMISSION_DENIED):
+            return EtcdAuthError(msg)
+        if status is _Status.OUT_OF_RANGE and _is_compacted(msg):
+            return CompactedError(msg, 0)
+        if status is _Status.NOT_FOUND and "lease" in msg:
+            return LeaseNotFoundError(msg)
+        if status in (_Status.UNAVAILABLE, _Status.DEADLINE_EXCEEDED, _Status.CANCELLED):
+            cls = AmbiguousError if sent else EtcdUnavailableError
+            return cls(f"etcd unavailable: {msg}")
+        return EtcdRequestError(f"etcd refused the request ({status.name}): {msg}")
+    if isinstance(
+        exc,
+        OSError
+        | asyncio.TimeoutError
+        | grpclib.exceptions.StreamTerminatedError
+        | grpclib.exceptions.ProtocolError
+        | EOFError,
+    ):
+        cls = AmbiguousError if sent else EtcdUnavailableError
+        return cls(f"etcd connection failed: {type(exc).__name__}: {exc}")
+    return EtcdError(f"unexpected etcd client failure: {type(exc).__name__}: {exc}")
+
+
+def is_auth_expired(exc: EtcdError) -> bool:
+    """True for the errors that a fresh auth token may cure."""
+    text = str(exc)
+    return isinstance(exc, EtcdAuthError) and (
+        "invalid auth token" in text or ("token" in text.lower() and "expired" in text.lower())
+    )
+
+
+# --- transport ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Sent:
+    """Set by a unary call once its request is on the wire."""
+
+    value: bool = False
+
+
+class Transport:
+    """grpclib channels to a set of etcd endpoints, usable from Trio.
+
+    One channel per endpoint, created lazily; ``current`` is the endpoint in use. A failed
+    call rotates to the next endpoint (``failover``) so the next call tries another member.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        tls: TLSFiles | None = None,
+        keepalive_interval: float | None = 10.0,
+        keepalive_timeout: float = 5.0,
+    ) -> None:
+        if not endpoints:
+            raise EtcdRequestError("no etcd endpoints given")
+        self.endpoints = [Endpoint.parse(u) for u in endpoints]
+        self._tls = tls
+        self._ssl: ssl.SSLContext | None = None
+        self._channels: dict[int, grpclib.client.Channel] = {}
+        self.current = 0
+        self._config = grpclib.config.Configuration(
+            _keepalive_time=keepalive_interval,
+            _keepalive_timeout=keepalive_timeout,
+            _keepalive_permit_without_calls=True,
+            _http2_max_pings_without_data=0,
+            # etcd drops connections that ping more often than every 5 s.
+            _http2_min_sent_ping_interval_without_data=max(5.0, keepalive_interval or 5.0),
+        )
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The endpoint calls go to now."""
+        return self.endpoints[self.current]
+
+    def _channel(self, index: int) -> grpclib.client.Channel:
+        chan = self._channels.get(index)
+        if chan is None:
+            ep = self.endpoints[index]
+            ctx: ssl.SSLContext | None = None
+            if ep.secure or self._tls is not None:
+                if self._ssl is None:
+                    self._ssl = (self._tls or TLSFiles()).context()
+                ctx = self._ssl
+            chan = grpclib.client.Channel(ep.host, ep.port, ssl=ctx, config=self._config)
+            self._channels[index] = chan
+        return chan
+
+    def failover(self, failed_index: int) -> None:
+        """Mark the endpoint at ``failed_index`` as failed: reset it and move to the next."""
+        chan = self._channels.pop(failed_index, None)
+        if chan is not None:
+            chan.close()
+        if failed_index == self.current:
+            self.current = (self.current + 1) % len(self.endpoints)
+
+    def close(self) -> None:
+        """Close every channel."""
+        for chan in self._channels.values():
+            chan.close()
+        self._channels.clear()
+
+    async def unary(
+        self,
+        route: str,
+        request: ReqT,
+        reply_type: type[RepT],
+        *,
+        timeout: float | None,
+        metadata: Sequence[tuple[str, str]] | None = None,
+    ) -> RepT:
+        """One unary call on the current endpoint; failures are mapped (and fail over)."""
+        index = self.current
+        chan = self._channel(index)
+        sent = _Sent()
+        try:
+            reply: RepT = await trio_asyncio.aio_as_trio(_unary_call)(
+                chan, route, request, reply_type, timeout, metadata, sent
+            )
+            return reply
+        except (trio.Cancelled, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            err = map_error(exc, sent=sent.value)
+            if isinstance(err, EtcdUnavailableError):
+                self.failover(index)
+            raise err from None
+
+    @contextlib.asynccontextmanager
+    async def open_stream(
+        self,
+        route: str,
+        request_type: type[ReqT],
+        reply_type: type[RepT],
+        *,
+        metadata: Sequence[tuple[str, str]] | None = None,
+        capacity: int = 1024,
+    ) -> AsyncIterator[BidiStream[ReqT, RepT]]:
+        """Open a bidirectional stream on the current endpoint, for the body's duration."""
+        index = self.current
+        stream: BidiStream[ReqT, RepT] = BidiStream(capacity)
+        chan = self._channel(index)
+        async with open_nursery() as nursery:
+            nursery.start_soon(_run_pump, chan, route, request_type, reply_type, metadata, stream)
+            try:
+                yield stream
+            finally:
+                nursery.cancel_scope.cancel()
+        if isinstance(stream.error, EtcdUnavailableError):
+            self.failover(index)
+
+
+async def _unary_call(
+    chan: grpclib.client.Channel,
+    route: str,
+    request: betterproto2.Message,
+    reply_type: type[RepT],
+    timeout: float | None,
+    metadata: Sequence[tuple[str, str]] | None,
+    sent: _Sent,
+) -> RepT:
+    async with chan.request(
+        route,
+        grpclib.const.Cardinality.UNARY_UNARY,
+        type(request),
+        reply_type,
+        timeout=timeout,
+        metadata=metadata,
+    ) as stream:
+        await stream.send_request()
+        sent.value = True
+        await stream.send_message(request, end=True)
+        reply = await stream.recv_message()
+    if reply is None:
+        raise EOFError("empty unary reply")
+    return reply
+
+
+# --- bidirectional streams ---------------------------------------------------------------
+
+_END = object()
+
+
+@dataclass(eq=False)
+class BidiStream(Generic[ReqT, RepT]):
+    """The Trio side of one bidirectional gRPC stream.
+
+    ``send`` never blocks (requests queue up for the pump); ``receive`` waits for the next
+    reply and raises the mapped error once the stream has failed or ended.
+    """
+
+    capacity: int
+    error: EtcdError | None = None
+    _queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    _send: trio.MemorySendChannel[RepT] = field(init=False)
+    _recv: trio.MemoryReceiveChannel[RepT] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._send, self._recv = trio.open_memory_channel[RepT](self.capacity)
+
+    def send(self, request: ReqT) -> None:
+        """Queue a request for the stream."""
+        if self.error is not None:
+            raise self.error
+        self._queue.put_nowait(request)
+
+    async def receive(self) -> RepT:
+        """The next reply; raises an EtcdError when the stream is over."""
+        try:
+            return await self._recv.receive()
+        except trio.EndOfChannel:
+            raise self.error or EtcdUnavailableError("stream closed") from None
+
+    # Called from the asyncio pump: synchronous Trio operations only.
+    def _deliver(self, reply: RepT) -> bool:
+        try:
+            self._send.send_nowait(reply)
+        except trio.WouldBlock:
+            self._finish(EtcdUnavailableError("stream consumer fell behind; reopening"))
+            return False
+        except trio.ClosedResourceError:
+            return False
+        return True
+
+    def _finish(self, error: EtcdError) -> None:
+        if self.error is None:
+            self.error = error
+        self._send.close()
+
+
+async def _run_pump(
+    chan: grpclib.client.Channel,
+    route: str,
+    request_type: type[ReqT],
+    reply_type: type[RepT],
+    metadata: Sequence[tuple[str, str]] | None,
+    stream: BidiStream[ReqT, RepT],
+) -> None:
+    try:
+        await trio_asyncio.aio_as_trio(_pump)(
+            chan, route, request_type, reply_type, metadata, stream
+        )
+    finally:
+        stream._finish(EtcdUnavailableError("stream closed"))
+
+
+async def _pump(
+    chan: grpclib.client.Channel,
+    route: str,
+    request_type: type[ReqT],
+    reply_type: type[RepT],
+    metadata: Sequence[tuple[str, str]] | None,
+    stream: BidiStream[ReqT, RepT],
+) -> None:
+    """Owns one grpclib stream. Never awaits Trio (see the module docstring)."""
+    sender: asyncio.Task[None] | None = None
+    try:
+        async with chan.request(
+            route,
+            grpclib.const.Cardinality.STREAM_STREAM,
+            request_type,
+            reply_type,
+            metadata=metadata,
+        ) as gstream:
+            await gstream.send_request()
+            sender = asyncio.ensure_future(_send_loop(gstream, stream._queue))
+            while True:
+                reply = await gstream.recv_message()
+                if reply is None:
+                    stream._finish(EtcdUnavailableError("stream ended by etcd"))
+                    return
+                if not stream._deliver(reply):
+                    return
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:
+        stream._finish(map_error(exc))
+    finally:
+        if sender is not None:
+            sender.cancel()
+
+
+async def _send_loop(gstream: grpclib.client.Stream[Any, Any], queue: asyncio.Queue[Any]) -> None:
+    while True:
+        item = await queue.get()
+        if item is _END:
+            await gstream.end()
+            return
+        await gstream.send_message(item)
+
+
+# --- loop --------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def ensure_loop() -> AsyncIterator[None]:
+    """Make sure a trio-asyncio loop is running; open one for the body if none is."""
+    if trio_asyncio.current_loop.get(None) is not None:
+        yield
+        return
+    async with trio_asyncio.open_loop():
+        yield
