@@ -1,0 +1,173 @@
+"""The etcd key layout (LPMOS v3) and validation of the parts that go into keys.
+
+::
+
+    /os/{idc}/servers/{sn}          ServerEntry JSON (one key per server)
+    /os/{idc}/machines/{sn}/task    Task JSON (task, progress, logs, approval merged)
+    /os/{idc}/machines/{sn}/meta    MachineMeta JSON (hardware facts)
+    /os/{idc}/machines/{sn}/lease   "lease-<id>", attached to the agent's lease
+
+Every builder validates its parts, so no caller can make a key that escapes its prefix
+(``..``, ``/``, NUL, look-alike characters are all refused). :func:`parse_key` is the inverse
+and returns ``None`` for anything outside the layout, so watchers can route events safely.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from lpmosd.errors import ValidationError
+
+__all__ = [
+    "NAME_RE",
+    "ROOT",
+    "KeyKind",
+    "ParsedKey",
+    "idc_prefix",
+    "lease_key",
+    "machine_prefix",
+    "machines_prefix",
+    "meta_key",
+    "normalize_mac",
+    "parse_key",
+    "server_key",
+    "servers_prefix",
+    "task_key",
+    "validate_idc",
+    "validate_sn",
+]
+
+ROOT: Final = "/os/"
+
+#: An IDC or serial number: ASCII only, at most 64 characters. The first character must be
+#: alphanumeric, which also refuses "." and "..".
+NAME_RE: Final[re.Pattern[str]] = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
+
+_HEX2 = "[0-9A-Fa-f]{2}"
+_HEX4 = "[0-9A-Fa-f]{4}"
+_MAC_RES: Final = (
+    re.compile(rf"{_HEX2}(?::{_HEX2}){{5}}", re.ASCII),
+    re.compile(rf"{_HEX2}(?:-{_HEX2}){{5}}", re.ASCII),
+    re.compile(rf"{_HEX4}\.{_HEX4}\.{_HEX4}", re.ASCII),
+    re.compile(r"[0-9A-Fa-f]{12}", re.ASCII),
+)
+
+KeyKind = Literal["server", "task", "meta", "lease"]
+_MACHINE_KINDS: Final[frozenset[str]] = frozenset({"task", "meta", "lease"})
+
+
+def _validate_name(value: object, field: str) -> str:
+    if not isinstance(value, str):
+        raise ValidationError(f"{field} must be a string", field=field)
+    # fullmatch, not match + "$": "$" would accept a trailing newline.
+    if NAME_RE.fullmatch(value) is None:
+        raise ValidationError(
+            f"{field} must be 1-64 ASCII letters, digits, '.', '_' or '-', "
+            f"starting with a letter or digit (got {value[:80]!r})",
+            field=field,
+        )
+    return value
+
+
+def validate_idc(value: object) -> str:
+    """Return ``value`` if it is a valid IDC name, else raise ValidationError(field="idc")."""
+    return _validate_name(value, "idc")
+
+
+def validate_sn(value: object) -> str:
+    """Return ``value`` if it is a valid serial number, else raise ValidationError(field="sn")."""
+    return _validate_name(value, "sn")
+
+
+def normalize_mac(value: object) -> str:
+    """Return a MAC address in lower-case colon form (``00:1a:2b:3c:4d:5e``).
+
+    Accepts colon, dash, bare-hex and Cisco dotted forms; anything else raises
+    ValidationError(field="mac").
+    """
+    if not isinstance(value, str):
+        raise ValidationError("mac must be a string", field="mac")
+    if not any(p.fullmatch(value) for p in _MAC_RES):
+        raise ValidationError(
+            f"mac must be a 48-bit MAC address such as 00:1a:2b:3c:4d:5e (got {value[:80]!r})",
+            field="mac",
+        )
+    digits = re.sub(r"[:.-]", "", value).lower()
+    return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
+
+
+def idc_prefix(idc: str) -> str:
+    """``/os/{idc}/``: everything belonging to one IDC."""
+    return f"{ROOT}{validate_idc(idc)}/"
+
+
+def servers_prefix(idc: str) -> str:
+    """``/os/{idc}/servers/``: the per-server directory keys of one IDC."""
+    return f"{idc_prefix(idc)}servers/"
+
+
+def server_key(idc: str, sn: str) -> str:
+    """``/os/{idc}/servers/{sn}``: the ServerEntry of one server."""
+    return f"{servers_prefix(idc)}{validate_sn(sn)}"
+
+
+def machines_prefix(idc: str) -> str:
+    """``/os/{idc}/machines/``: task, meta and lease keys of every machine in one IDC."""
+    return f"{idc_prefix(idc)}machines/"
+
+
+def machine_prefix(idc: str, sn: str) -> str:
+    """``/os/{idc}/machines/{sn}/``: the keys of one machine."""
+    return f"{machines_prefix(idc)}{validate_sn(sn)}/"
+
+
+def task_key(idc: str, sn: str) -> str:
+    """``/os/{idc}/machines/{sn}/task``: the merged Task document."""
+    return f"{machine_prefix(idc, sn)}task"
+
+
+def meta_key(idc: str, sn: str) -> str:
+    """``/os/{idc}/machines/{sn}/meta``: the MachineMeta document."""
+    return f"{machine_prefix(idc, sn)}meta"
+
+
+def lease_key(idc: str, sn: str) -> str:
+    """``/os/{idc}/machines/{sn}/lease``: the agent heartbeat key, bound to an etcd lease."""
+    return f"{machine_prefix(idc, sn)}lease"
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedKey:
+    """A key of the v3 layout, taken apart."""
+
+    idc: str
+    kind: KeyKind
+    sn: str
+
+
+def parse_key(key: str | bytes) -> ParsedKey | None:
+    """Take a key apart; ``None`` unless it is exactly one of the v3 layout's keys.
+
+    Accepts bytes too, as etcd hands them out; bytes that are not ASCII give ``None``.
+    """
+    if isinstance(key, bytes):
+        try:
+            key = key.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    if not key.startswith(ROOT):
+        return None
+    parts = key[len(ROOT) :].split("/")
+    if len(parts) == 3 and parts[1] == "servers":
+        idc, _, sn = parts
+        kind: KeyKind = "server"
+    elif len(parts) == 4 and parts[1] == "machines" and parts[3] in _MACHINE_KINDS:
+        idc, _, sn, raw_kind = parts
+        kind = "task" if raw_kind == "task" else "meta" if raw_kind == "meta" else "lease"
+    else:
+        return None
+    if NAME_RE.fullmatch(idc) is None or NAME_RE.fullmatch(sn) is None:
+        return None
+    return ParsedKey(idc=idc, kind=kind, sn=sn)
