@@ -1,0 +1,117 @@
+"""Shared pytest fixtures: private etcd servers, TLS material, an output directory.
+
+etcd fixtures (see :mod:`lpmosd.etcd_process`):
+
+- ``etcd_server`` (session): one etcd shared by the whole run.
+- ``etcd`` (function): that shared server with every key deleted and every lease revoked
+  before the test. Do not enable auth on it, restart, pause, kill or compact it.
+- ``private_etcd`` (function): a fresh server for tests that do those things; closed after.
+- ``etcd_factory`` (function): ``etcd_factory(**EtcdProcess options, start=True)`` makes
+  more servers (TLS, several members of a test, ...); all are closed after the test.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from lpmosd.etcd_process import EtcdProcess, EtcdProcessError, TLSFiles
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+EtcdFactory = Callable[..., EtcdProcess]
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[EtcdProcess]:
+    """One etcd for the whole test run (started on first use, closed at the end)."""
+    with EtcdProcess(name="lpmosd-shared") as server:
+        yield server
+
+
+@pytest.fixture
+def etcd(etcd_server: EtcdProcess) -> EtcdProcess:
+    """The shared etcd, empty: all keys deleted and all leases revoked before the test."""
+    if etcd_server.paused:
+        etcd_server.resume()
+    if not etcd_server.running:
+        etcd_server.start()
+    try:
+        etcd_server.wipe()
+    except OSError as exc:
+        etcd_server.wait_healthy(5)
+        try:
+            etcd_server.wipe()
+        except OSError:
+            raise EtcdProcessError(
+                f"cannot wipe the shared etcd ({exc}); did a test enable auth on it? "
+                "Use private_etcd for that."
+            ) from exc
+    return etcd_server
+
+
+@pytest.fixture
+def private_etcd() -> Iterator[EtcdProcess]:
+    """A fresh etcd of the test's own, free to restart, pause, kill or compact."""
+    with EtcdProcess(name="lpmosd-private") as server:
+        yield server
+
+
+@pytest.fixture
+def etcd_factory() -> Iterator[EtcdFactory]:
+    """Make extra etcd servers: ``etcd_factory(start=True, **EtcdProcess kwargs)``."""
+    made: list[EtcdProcess] = []
+
+    def make(*, start: bool = True, **kwargs: Any) -> EtcdProcess:
+        kwargs.setdefault("name", f"lpmosd-extra{len(made)}")
+        server = EtcdProcess(**kwargs)
+        made.append(server)
+        if start:
+            server.start()
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in made:
+            server.close()
+
+
+@pytest.fixture(scope="session")
+def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    """A trustme CA, a server cert for 127.0.0.1/localhost and a client cert (CN lpmosd-client)."""
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    client = ca.issue_cert("lpmosd-client", common_name="lpmosd-client")
+    d = tmp_path_factory.mktemp("tls")
+    files = TLSFiles(
+        ca_cert=d / "ca.pem",
+        server_cert=d / "server.pem",
+        server_key=d / "server-key.pem",
+        client_cert=d / "client.pem",
+        client_key=d / "client-key.pem",
+    )
+    ca.cert_pem.write_to_path(str(files.ca_cert))
+    server.cert_chain_pems[0].write_to_path(str(files.server_cert))
+    for pem in server.cert_chain_pems[1:]:
+        pem.write_to_path(str(files.server_cert), append=True)
+    server.private_key_pem.write_to_path(str(files.server_key))
+    client.cert_chain_pems[0].write_to_path(str(files.client_cert))
+    client.private_key_pem.write_to_path(str(files.client_key))
+    return files
+
+
+@pytest.fixture
+def test_output_dir(request: pytest.FixtureRequest) -> Path:
+    """An empty ``test-output/<test name>/`` under the repo root (gitignored) for artefacts."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name).strip("_") or "test"
+    out = REPO_ROOT / "test-output" / safe
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    return out
