@@ -11,6 +11,7 @@
     │   ├── PayloadTooLargeError body over the limit (413)
     │   ├── AuthenticationError  no or bad credentials (401)
     │   └── PermissionDeniedError  credentials lack the role (403)
+    ├── UnavailableError         the role is restarting its session; retry (503)
     └── EtcdError                anything from the etcd client
         ├── EtcdUnavailableError no endpoint answered (retryable)
         ├── EtcdAuthError        etcd refused our credentials or permissions
@@ -85,6 +86,10 @@ class PermissionDeniedError(InputError):
     """Valid credentials whose role does not allow the request."""
 
     status = 403
+
+
+class UnavailableError(LpmosdError):
+    """The role cannot serve right now (e.g. restarting after losing its lease): 503."""
 
 
 class EtcdError(LpmosdError):

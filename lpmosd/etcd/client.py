@@ -75,10 +75,15 @@ class Auth:
 
 @dataclass(frozen=True, slots=True)
 class Write:
-    """What an ``atomic_update`` function returns to also run other ops in the same Txn."""
+    """What an ``atomic_update`` function returns to run other ops in the same Txn.
+
+    ``guards`` are extra compares; if one fails while the key itself is unchanged the
+    update stops with ``UpdateResult.guard_failed`` instead of retrying.
+    """
 
     value: bytes
     also: Sequence[Op] = ()
+    guards: Sequence[Compare] = ()
 
 
 UpdateFn = Callable[[KeyValue | None], "bytes | Write | None"]
@@ -378,13 +383,14 @@ class EtcdClient:
             result = fn(kv)
             if result is None:
                 rev = kv.mod_revision if kv else 0
-                return UpdateResult(kv.value if kv else None, rev, attempt, False)
+                return UpdateResult(kv.value if kv else None, rev, attempt, False, kv)
             write = result if isinstance(result, Write) else Write(result)
             guard = Compare.mod_revision(k, "==", kv.mod_revision) if kv else Compare.absent(k)
+            lease = kv.lease if kv else 0
             try:
                 r = await self.txn(
-                    [guard],
-                    [Put(k, write.value, kv.lease if kv else 0), *write.also],
+                    [guard, *write.guards],
+                    [Put(k, write.value, lease), *write.also],
                     [Get(k)],
                 )
             except EtcdUnavailableError:
@@ -394,15 +400,29 @@ class EtcdClient:
                     and kv_now.value == write.value
                     and (kv is None or kv_now.mod_revision > kv.mod_revision)
                 ):
-                    return UpdateResult(write.value, kv_now.mod_revision, attempt, True)
+                    return UpdateResult(write.value, kv_now.mod_revision, attempt, True, kv_now)
                 kv = kv_now
                 continue
             if r.succeeded:
-                return UpdateResult(write.value, r.revision, attempt, True)
-            metrics.CAS_RETRIES.inc()
+                new_kv = KeyValue(
+                    k,
+                    write.value,
+                    kv.create_revision if kv else r.revision,
+                    r.revision,
+                    kv.version + 1 if kv else 1,
+                    lease,
+                )
+                return UpdateResult(write.value, r.revision, attempt, True, new_kv)
             got = r.responses[0]
             assert isinstance(got, RangeResult)
-            kv = got.kvs[0] if got.kvs else None
+            fresh = got.kvs[0] if got.kvs else None
+            if write.guards and (
+                (fresh is None and kv is None)
+                or (fresh is not None and kv is not None and fresh.mod_revision == kv.mod_revision)
+            ):
+                return UpdateResult(kv.value if kv else None, r.revision, attempt, False, kv, True)
+            metrics.CAS_RETRIES.inc()
+            kv = fresh
             if attempt > 1:
                 await trio.sleep(random.uniform(0, min(backoff_cap, 0.002 * 2**attempt)))
         raise ContentionError(k.decode(errors="replace"), max_attempts)

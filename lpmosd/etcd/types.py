@@ -100,12 +100,18 @@ class LeaseInfo:
 
 @dataclass(frozen=True, slots=True)
 class UpdateResult:
-    """What ``atomic_update`` committed: the new value and its revision, and the attempts."""
+    """What ``atomic_update`` committed: the new value and its revision, and the attempts.
+
+    ``kv`` is the key as it now stands (for caches); ``guard_failed`` says an extra compare
+    of the :class:`~lpmosd.etcd.client.Write` did not hold, so nothing was written.
+    """
 
     value: bytes | None
     revision: int
     attempts: int
     changed: bool
+    kv: KeyValue | None = None
+    guard_failed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,149 @@
+"""The control-plane role: operators' REST API and dashboard, plus the lease reaper.
+
+It keeps one view of ``/os/`` (relist + watch). The reaper listens to it: when an agent's
+lease key vanishes while its task is approved or installing, the task is failed ("agent
+heartbeat lost", with the last step), guarded on the lease key still being absent so an
+agent that re-registered meanwhile is left alone. Deletes lost to a compaction come back
+as explicit deletions from the view's relist diff.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+
+import trio
+
+from lpmosd import schema
+from lpmosd._trio_util import open_nursery
+from lpmosd.config import ControlPlaneConfig
+from lpmosd.etcd import Compare, EtcdClient, HeldLease
+from lpmosd.models import ACTIVE_AGENT, Task, TaskStatus
+from lpmosd.roles.session import SessionState, run_session, session_value
+from lpmosd.store import Store
+from lpmosd.view import Change, PrefixView
+from lpmosd.web.server import serve_app
+
+log = logging.getLogger("lpmosd.control_plane")
+
+#: Session keys live beside the IDCs under a name no IDC can have (IDCs start alnum).
+SESSION_PREFIX = "/os/_control-plane/"
+SESSION_TTL = 10
+HEARTBEAT_LOST = "agent heartbeat lost"
+
+
+@dataclass(eq=False)
+class ControlPlane:
+    """Shared state of the control-plane role, read by its HTTP app."""
+
+    config: ControlPlaneConfig
+    client: EtcdClient
+    store: Store
+    session: SessionState = field(default_factory=lambda: SessionState("control-plane"))
+    view: PrefixView | None = None
+    reaped: int = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the API and keep the session (view + reaper) alive until cancelled."""
+        from lpmosd.web.control_app import create_control_app
+
+        app = create_control_app(self)
+        async with open_nursery() as nursery:
+            await nursery.start(
+                partial(
+                    run_session,
+                    self.client,
+                    self.session,
+                    key=SESSION_PREFIX + session_value_host(),
+                    ttl=SESSION_TTL,
+                    body=self._session_body,
+                    value=session_value("control-plane"),
+                )
+            )
+            url = await nursery.start(
+                partial(
+                    serve_app,
+                    app,
+                    host=self.config.listen,
+                    port=self.config.port,
+                    certfile=self.config.tls_cert_file,
+                    keyfile=self.config.tls_key_file,
+                )
+            )
+            log.info("control plane listening", extra={"url": url})
+            task_status.started(url)
+
+    async def _session_body(self, lease: HeldLease) -> None:
+        view = PrefixView(self.client, schema.ROOT)
+        reap_send, reap_recv = trio.open_memory_channel[tuple[str, str, str]](10_000)
+
+        def on_change(change: Change) -> None:
+            parsed = schema.parse_key(change.key)
+            if parsed is None or parsed.kind != "lease" or change.kv is not None:
+                return
+            try:
+                reap_send.send_nowait((parsed.idc, parsed.sn, "deleted"))
+            except trio.WouldBlock:
+                log.error("reaper queue full", extra={"sn": parsed.sn})
+
+        view.listeners.append(on_change)
+        try:
+            async with open_nursery() as nursery:
+                await nursery.start(view.run)
+                self.view = view
+                nursery.start_soon(self._reap, reap_recv)
+                self._reap_orphans(view, reap_send)
+                await trio.sleep_forever()
+        finally:
+            self.view = None
+
+    def _reap_orphans(
+        self, view: PrefixView, send: trio.MemorySendChannel[tuple[str, str, str]]
+    ) -> None:
+        """At session start: installing tasks with no lease key lost their agent while we
+        were away (the delete happened before our watch began)."""
+        for key, kv in list(view.items.items()):
+            parsed = schema.parse_key(key)
+            if parsed is None or parsed.kind != "task":
+                continue
+            if view.get(schema.lease_key(parsed.idc, parsed.sn)) is not None:
+                continue
+            try:
+                task = Task.from_json(kv.value)
+            except Exception:
+                continue
+            if task.status is TaskStatus.INSTALLING:
+                send.send_nowait((parsed.idc, parsed.sn, "absent at start"))
+
+    async def _reap(self, receive: trio.MemoryReceiveChannel[tuple[str, str, str]]) -> None:
+        async for idc, sn, why in receive:
+            lease_key = schema.lease_key(idc, sn)
+            view = self.view
+            current = view.get(schema.task_key(idc, sn)) if view else None
+            stored = await self.store.fail(
+                idc,
+                sn,
+                HEARTBEAT_LOST,
+                actor="reaper",
+                only_if=ACTIVE_AGENT,
+                guards=[Compare.absent(lease_key)],
+                current=current,
+            )
+            if stored is not None:
+                self.reaped += 1
+                if view is not None and stored.kv is not None:
+                    view.observe(stored.kv)
+                log.warning(
+                    "agent offline: task failed",
+                    extra={"idc": idc, "sn": sn, "lease_key": why},
+                )
+
+
+def session_value_host() -> str:
+    """This host's name as a key part (sanitised to the schema's name rule)."""
+    import re
+    import socket
+
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64] or "host"
+    return name if name[0].isalnum() else f"h{name[:63]}"

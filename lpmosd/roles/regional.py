@@ -1,0 +1,133 @@
+"""The regional-client role: one per IDC, on the PXE host.
+
+It watches only its own IDC (``/os/{idc}/servers/`` and ``/os/{idc}/machines/``), keeps a
+local view of them, serves the agent API and keeps one lease per live agent: the agent's
+heartbeats refresh it over the client's single shared LeaseKeepAlive stream. Lease ids live
+in the lease keys themselves, so a restarted regional re-attaches to live leases and a
+quick restart fails no install.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+
+import trio
+
+from lpmosd import schema
+from lpmosd._trio_util import open_nursery
+from lpmosd.config import RegionalConfig
+from lpmosd.errors import EtcdError
+from lpmosd.etcd import EtcdClient, HeldLease
+from lpmosd.models import Task
+from lpmosd.roles.session import SessionState, run_session, session_value
+from lpmosd.store import Store, parse_lease_value
+from lpmosd.view import Change, PrefixView
+from lpmosd.web.server import serve_app
+
+log = logging.getLogger("lpmosd.regional")
+
+
+def session_key(idc: str) -> str:
+    """The regional's own registration key, bound to its session lease."""
+    return schema.idc_prefix(idc) + "regional"
+
+
+@dataclass(eq=False)
+class Regional:
+    """Shared state of the regional role, read by its HTTP app."""
+
+    config: RegionalConfig
+    client: EtcdClient
+    store: Store
+    session: SessionState = field(default_factory=lambda: SessionState("regional"))
+    servers: PrefixView | None = None
+    machines: PrefixView | None = None
+    #: sn -> trio clock time of the agent's last heartbeat (this process's knowledge).
+    heartbeats: dict[str, float] = field(default_factory=dict)
+    url: str = ""
+
+    @property
+    def idc(self) -> str:
+        """The IDC this regional serves."""
+        return self.config.idc
+
+    def task_kv_and_task(self, sn: str) -> tuple[Task, int] | None:
+        """The cached task of ``sn`` (None when unknown to this IDC)."""
+        view = self.machines
+        kv = view.get(schema.task_key(self.idc, sn)) if view else None
+        if kv is None:
+            return None
+        return Task.from_json(kv.value), kv.mod_revision
+
+    def lease_id(self, sn: str) -> int | None:
+        """The live agent lease of ``sn`` according to the view."""
+        view = self.machines
+        kv = view.get(schema.lease_key(self.idc, sn)) if view else None
+        if kv is None:
+            return None
+        return kv.lease or parse_lease_value(kv.value)
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the agent API and keep the session alive until cancelled."""
+        from lpmosd.web.agent_app import create_agent_app
+
+        app = create_agent_app(self)
+        async with open_nursery() as nursery:
+            self.url = await nursery.start(
+                partial(
+                    serve_app,
+                    app,
+                    host=self.config.listen,
+                    port=self.config.port,
+                    certfile=self.config.tls_cert_file,
+                    keyfile=self.config.tls_key_file,
+                )
+            )
+            await nursery.start(
+                partial(
+                    run_session,
+                    self.client,
+                    self.session,
+                    key=session_key(self.idc),
+                    ttl=self.config.session_ttl,
+                    body=self._session_body,
+                    value=session_value("regional", {"idc": self.idc, "url": self.url}),
+                )
+            )
+            log.info("regional listening", extra={"idc": self.idc, "url": self.url})
+            task_status.started(self.url)
+
+    async def _session_body(self, lease: HeldLease) -> None:
+        servers = PrefixView(self.client, schema.servers_prefix(self.idc))
+        machines = PrefixView(self.client, schema.machines_prefix(self.idc))
+        servers.listeners.append(self._on_server)
+        try:
+            async with open_nursery() as nursery:
+                await nursery.start(servers.run)
+                await nursery.start(machines.run)
+                self.servers, self.machines = servers, machines
+                live = sum(1 for k in machines.items if k.endswith("/lease"))
+                log.info(
+                    "regional synced",
+                    extra={"idc": self.idc, "servers": len(servers.items), "live_agents": live},
+                )
+                await trio.sleep_forever()
+        finally:
+            self.servers = self.machines = None
+
+    def _on_server(self, change: Change) -> None:
+        if change.kv is not None and change.prev is None and not change.relisted:
+            parsed = schema.parse_key(change.key)
+            if parsed is not None:
+                log.info("New server: %s", parsed.sn, extra={"idc": self.idc, "sn": parsed.sn})
+
+    async def revoke_quietly(self, lease_id: int | None) -> None:
+        """Revoke an agent lease; failures only cost a TTL of waiting."""
+        if not lease_id:
+            return
+        try:
+            await self.client.lease_revoke(lease_id)
+        except EtcdError as exc:
+            log.warning("lease revoke failed", extra={"lease": lease_id, "error": str(exc)})

@@ -1,0 +1,383 @@
+"""Provisioning operations as etcd transactions: the small interface the roles depend on.
+
+Every operation is one Txn (or one CAS loop of Txns) over the v3 schema: a task change
+writes the merged task document and the server entry's status together, so readers never
+see them disagree. Roles call these methods; they never build etcd requests themselves.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from lpmosd import models, schema
+from lpmosd.errors import ConflictError, NotFoundError
+from lpmosd.etcd import (
+    Compare,
+    EtcdClient,
+    KeyValue,
+    Op,
+    Write,
+    delete,
+    put,
+)
+from lpmosd.models import (
+    ACTIVE_AGENT,
+    TERMINAL,
+    CreateTaskRequest,
+    MachineMeta,
+    ServerEntry,
+    Task,
+    TaskStatus,
+)
+
+HARDWARE_STEP = "hardware_collect"
+
+TaskFn = Callable[[Task], Task]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTask:
+    """A task with the etcd revision it was read or written at."""
+
+    task: Task
+    mod_revision: int
+    kv: KeyValue | None = None
+
+
+def new_task_id() -> str:
+    """A short unique task id (``task-`` + 12 hex digits)."""
+    return f"task-{secrets.token_hex(6)}"
+
+
+def lease_value(lease_id: int) -> str:
+    """The value of a lease key, as the guide writes it: ``lease-<id>``."""
+    return f"lease-{lease_id}"
+
+
+def parse_lease_value(value: bytes) -> int | None:
+    """The lease id in a lease key's value, or None when malformed."""
+    text = value.decode(errors="replace")
+    if not text.startswith("lease-"):
+        return None
+    try:
+        return int(text[len("lease-") :])
+    except ValueError:
+        return None
+
+
+def hardware_summary(meta: MachineMeta) -> str:
+    """One log line about the reported hardware, like the guide's."""
+    gib = meta.memory_bytes // (1 << 30)
+    return f"Hardware: {meta.cpu_cores} cores, {gib}GB RAM, {len(meta.disks)} disks"
+
+
+def with_hardware_step(task: Task, meta: MachineMeta, *, now: datetime) -> Task:
+    """Record the agent's hardware report: step ``hardware_collect`` at 100 %.
+
+    Unlike install progress this does not move the task to installing: an agent registers
+    before an operator approves, so the operator can check the hardware first.
+    """
+    entry = models.ProgressStep(HARDWARE_STEP, 100, now, "Hardware collection complete")
+    rest = tuple(p for p in task.progress if p.step != HARDWARE_STEP)
+    task = replace(task, progress=(entry, *rest), updated_at=now)
+    return models.append_logs(task, [hardware_summary(meta)], now=now)
+
+
+class Store:
+    """The provisioning operations over one etcd client."""
+
+    def __init__(self, client: EtcdClient, *, clock: Callable[[], datetime] = models.utcnow):
+        self.client = client
+        self.clock = clock
+
+    # --- reads -----------------------------------------------------------------------
+
+    async def get_task(self, idc: str, sn: str) -> StoredTask:
+        """The task of ``sn`` in ``idc``; NotFoundError when there is none."""
+        kv = await self.client.get(schema.task_key(idc, sn))
+        if kv is None:
+            raise NotFoundError(f"no task for server {sn} in {idc}", field="sn")
+        return StoredTask(Task.from_json(kv.value), kv.mod_revision, kv)
+
+    async def get_meta(self, idc: str, sn: str) -> MachineMeta | None:
+        """Hardware facts of ``sn`` when its agent has reported them."""
+        kv = await self.client.get(schema.meta_key(idc, sn))
+        return MachineMeta.from_json(kv.value) if kv else None
+
+    async def get_lease_id(self, idc: str, sn: str) -> int | None:
+        """The lease id of the live agent of ``sn``, or None when it is offline."""
+        kv = await self.client.get(schema.lease_key(idc, sn))
+        return parse_lease_value(kv.value) if kv else None
+
+    async def list_tasks(
+        self, *, idc: str | None = None, status: TaskStatus | None = None
+    ) -> list[Task]:
+        """Every task (of one IDC, or of all), optionally of one status, sorted by key."""
+        prefix = schema.machines_prefix(idc) if idc else schema.ROOT
+        result = await self.client.get_prefix(prefix)
+        tasks: list[Task] = []
+        for kv in result.kvs:
+            parsed = schema.parse_key(kv.key.decode(errors="replace"))
+            if parsed is None or parsed.kind != "task":
+                continue
+            task = Task.from_json(kv.value)
+            if status is None or task.status is status:
+                tasks.append(task)
+        return tasks
+
+    async def list_servers(self, idc: str) -> list[ServerEntry]:
+        """The IDC's server directory."""
+        result = await self.client.get_prefix(schema.servers_prefix(idc))
+        return [ServerEntry.from_json(kv.value) for kv in result.kvs]
+
+    # --- writes ------------------------------------------------------------------------
+
+    async def create_task(self, req: CreateTaskRequest, *, actor: str) -> Task:
+        """Create the server entry and the task in one Txn guarded on their absence.
+
+        A terminal task of the same server may be replaced (re-provisioning); a live one
+        makes this a ConflictError.
+        """
+        server_key = schema.server_key(req.idc, req.sn)
+        task_key = schema.task_key(req.idc, req.sn)
+        now = self.clock()
+        task = models.new_task(req, task_id=new_task_id(), now=now, actor=actor)
+        ops: list[Op] = [
+            put(server_key, ServerEntry.for_task(task).to_json()),
+            put(task_key, task.to_json()),
+        ]
+        r = await self.client.txn([Compare.absent(task_key), Compare.absent(server_key)], ops, [])
+        if r.succeeded:
+            return task
+        old = await self.client.get(task_key)
+        if old is not None:
+            current = Task.from_json(old.value)
+            if current.status not in TERMINAL:
+                raise ConflictError(
+                    f"server {req.sn} in {req.idc} already has a {current.status} task "
+                    f"({current.task_id})",
+                    field="sn",
+                )
+            guard = Compare.mod_revision(task_key, "==", old.mod_revision)
+        else:
+            guard = Compare.absent(task_key)
+        # Replace a finished task (or a stray server entry without a task): clear the
+        # machine's old meta and lease along with it, all in one Txn.
+        r = await self.client.txn(
+            [guard],
+            [delete(schema.machine_prefix(req.idc, req.sn), prefix=True), *ops],
+            [],
+        )
+        if not r.succeeded:
+            raise ConflictError(f"server {req.sn} in {req.idc} changed concurrently", field="sn")
+        return task
+
+    async def update_task(
+        self,
+        idc: str,
+        sn: str,
+        fn: TaskFn,
+        *,
+        current: KeyValue | None = None,
+        also: Callable[[Task], Sequence[Op]] | None = None,
+        guards: Sequence[Compare] = (),
+    ) -> StoredTask:
+        """Apply ``fn`` to the task in a CAS loop; the server entry follows in the same Txn.
+
+        ``current`` is a cached KeyValue of the task (saves a read when fresh). ``also``
+        adds ops for the same Txn; ``guards`` add compares (when one fails and the task
+        itself is unchanged, ConflictError).
+        """
+        task_key = schema.task_key(idc, sn)
+        server_key = schema.server_key(idc, sn)
+        result_task: list[Task] = []
+
+        def step(kv: KeyValue | None) -> Write | None:
+            if kv is None:
+                raise NotFoundError(f"no task for server {sn} in {idc}", field="sn")
+            old = Task.from_json(kv.value)
+            new = fn(old)
+            result_task[:] = [new]
+            if new is old:
+                return None  # nothing to change: write nothing
+            entry = ServerEntry.for_task(new)
+            extra = list(also(new)) if also else []
+            return Write(new.to_json(), (put(server_key, entry.to_json()), *extra), guards)
+
+        r = await self.client.atomic_update(task_key, step, current=current)
+        if r.guard_failed:
+            raise ConflictError(f"server {sn} in {idc} changed concurrently", field="sn")
+        return StoredTask(result_task[0], r.revision, r.kv)
+
+    async def approve(self, idc: str, sn: str, *, approved_by: str, notes: str = "") -> Task:
+        """pending → approved, recording who approved and why."""
+        now = self.clock()
+        stored = await self.update_task(
+            idc, sn, lambda t: models.approve(t, approved_by=approved_by, notes=notes, now=now)
+        )
+        return stored.task
+
+    async def cancel(self, idc: str, sn: str, *, actor: str, reason: str = "") -> Task:
+        """Cancel a live task. Its lease key goes in the same Txn: the agent is done."""
+        now = self.clock()
+        stored = await self.update_task(
+            idc,
+            sn,
+            lambda t: models.cancel(t, now=now, actor=actor, reason=reason),
+            also=lambda t: (delete(schema.lease_key(idc, sn)),),
+        )
+        return stored.task
+
+    async def retry(self, idc: str, sn: str, *, actor: str) -> Task:
+        """failed → approved, resuming from the step that failed."""
+        now = self.clock()
+        stored = await self.update_task(idc, sn, lambda t: models.retry(t, now=now, actor=actor))
+        return stored.task
+
+    async def fail(
+        self,
+        idc: str,
+        sn: str,
+        reason: str,
+        *,
+        actor: str,
+        only_if: frozenset[TaskStatus] = ACTIVE_AGENT,
+        guards: Sequence[Compare] = (),
+        current: KeyValue | None = None,
+    ) -> StoredTask | None:
+        """Fail the task if its status is in ``only_if``; None when it was not (left alone)."""
+        now = self.clock()
+        skipped: list[bool] = []
+
+        def fn(t: Task) -> Task:
+            if t.status not in only_if:
+                skipped.append(True)
+                return t
+            return models.fail(t, reason, now=now, actor=actor)
+
+        try:
+            stored = await self.update_task(idc, sn, fn, guards=guards, current=current)
+        except (NotFoundError, ConflictError):
+            return None
+        return None if skipped[-1:] == [True] else stored
+
+    async def delete_task(self, idc: str, sn: str) -> None:
+        """Delete a finished task with its server entry, meta and lease key (one Txn)."""
+        stored = await self.get_task(idc, sn)
+        if stored.task.status not in TERMINAL:
+            raise ConflictError(
+                f"task of {sn} is {stored.task.status}; only completed, failed or cancelled "
+                "tasks can be deleted",
+                field="status",
+            )
+        r = await self.client.txn(
+            [Compare.mod_revision(schema.task_key(idc, sn), "==", stored.mod_revision)],
+            [
+                delete(schema.server_key(idc, sn)),
+                delete(schema.machine_prefix(idc, sn), prefix=True),
+            ],
+            [],
+        )
+        if not r.succeeded:
+            raise ConflictError(f"task of {sn} changed concurrently; try again", field="sn")
+
+    # --- agent operations (regional) -----------------------------------------------------
+
+    async def register_agent(
+        self,
+        idc: str,
+        sn: str,
+        *,
+        mac: str,
+        meta: MachineMeta,
+        lease_id: int,
+        current: KeyValue | None = None,
+    ) -> StoredTask:
+        """Record the agent's hardware and bind its lease key, with the task, in one Txn."""
+        now = self.clock()
+
+        def fn(t: Task) -> Task:
+            if t.mac != mac:
+                raise ConflictError(
+                    f"MAC {mac} does not match the task's MAC for {sn}", field="mac"
+                )
+            if t.status in (TaskStatus.COMPLETED, TaskStatus.CANCELLED):
+                raise ConflictError(f"task of {sn} is {t.status}", field="status")
+            return with_hardware_step(t, meta, now=now)
+
+        return await self.update_task(
+            idc,
+            sn,
+            fn,
+            current=current,
+            also=lambda t: (
+                put(schema.meta_key(idc, sn), meta.to_json()),
+                put(schema.lease_key(idc, sn), lease_value(lease_id), lease=lease_id),
+            ),
+        )
+
+    async def record_progress(
+        self,
+        idc: str,
+        sn: str,
+        *,
+        step: str,
+        percent: int,
+        message: str,
+        current: KeyValue | None = None,
+    ) -> StoredTask:
+        """One progress report (approved → installing on the first)."""
+        now = self.clock()
+        return await self.update_task(
+            idc,
+            sn,
+            lambda t: models.record_progress(t, step, percent, message, now=now),
+            current=current,
+        )
+
+    async def append_logs(
+        self,
+        idc: str,
+        sn: str,
+        lines: Sequence[str],
+        *,
+        level: models.LogLevel = "INFO",
+        current: KeyValue | None = None,
+    ) -> StoredTask:
+        """Append agent log lines to the task (capped)."""
+        now = self.clock()
+
+        def fn(t: Task) -> Task:
+            if t.status in TERMINAL and t.status is not TaskStatus.FAILED:
+                raise ConflictError(f"task of {sn} is {t.status}", field="status")
+            return models.append_logs(t, lines, level=level, now=now)
+
+        return await self.update_task(idc, sn, fn, current=current)
+
+    async def finish(
+        self,
+        idc: str,
+        sn: str,
+        *,
+        outcome: TaskStatus,
+        reason: str = "",
+        current: KeyValue | None = None,
+    ) -> StoredTask:
+        """The agent reports completed or failed; its lease key goes in the same Txn."""
+        now = self.clock()
+
+        def fn(t: Task) -> Task:
+            if outcome is TaskStatus.COMPLETED:
+                return models.complete(t, now=now)
+            return models.fail(t, reason, now=now, actor="agent")
+
+        return await self.update_task(
+            idc,
+            sn,
+            fn,
+            current=current,
+            also=lambda t: (delete(schema.lease_key(idc, sn)),),
+        )

@@ -1,0 +1,1 @@
+"""HTTP apps (quart-trio on hypercorn): the control-plane API and dashboard, the agent API."""

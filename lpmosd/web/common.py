@@ -1,0 +1,148 @@
+"""What every lpmosd HTTP app shares: JSON errors, strict bodies, ops endpoints, metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from lpmosd.errors import (
+    EtcdError,
+    EtcdUnavailableError,
+    InputError,
+    PayloadTooLargeError,
+    UnavailableError,
+    ValidationError,
+)
+from lpmosd.metrics import REGISTRY
+
+log = logging.getLogger("lpmosd.http")
+
+HTTP_REQUESTS = Counter(
+    "lpmosd_http_requests_total",
+    "HTTP requests by app, route and status code.",
+    ["app", "route", "code"],
+    registry=REGISTRY,
+)
+
+Readiness = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
+
+
+def error_response(status: int, message: str, field: str | None = None) -> Response:
+    """The JSON error shape of every API: ``{"error": ..., "field": ...}``."""
+    body: dict[str, Any] = {"error": message}
+    if field is not None:
+        body["field"] = field
+    return Response(json.dumps(body), status=status, content_type="application/json")
+
+
+def json_response(obj: Any, status: int = 200) -> Response:
+    """Compact JSON."""
+    return Response(
+        json.dumps(obj, separators=(",", ":")), status=status, content_type="application/json"
+    )
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValidationError(f"invalid JSON number {name}", field="body")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValidationError(f"duplicate JSON key {k!r}", field=k)
+        out[k] = v
+    return out
+
+
+def parse_json(data: bytes) -> object:
+    """Strict JSON: UTF-8, no NaN/Infinity, no duplicate keys; errors name ``body``."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValidationError("body is not UTF-8", field="body") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+    except json.JSONDecodeError as exc:
+        raise ValidationError(f"malformed JSON: {exc.msg} at {exc.pos}", field="body") from None
+    except RecursionError:
+        raise ValidationError("JSON nested too deeply", field="body") from None
+
+
+async def read_json(max_bytes: int, *, empty_ok: bool = False) -> object:
+    """The request body as strict JSON, refusing bodies over ``max_bytes`` (413)."""
+    length = request.content_length
+    if length is not None and length > max_bytes:
+        raise PayloadTooLargeError(f"body over {max_bytes} bytes", field="body")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.body:
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLargeError(f"body over {max_bytes} bytes", field="body")
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    if not data.strip():
+        if empty_ok:
+            return {}
+        raise ValidationError("a JSON body is required", field="body")
+    return parse_json(data)
+
+
+def install_common(app: QuartTrio, *, name: str, readiness: Readiness, max_body: int) -> None:
+    """Error mapping, body limit, request metrics and /healthz, /readyz, /metrics."""
+    app.config["MAX_CONTENT_LENGTH"] = max_body
+
+    @app.errorhandler(InputError)
+    async def _input_error(exc: InputError) -> Response:
+        return error_response(exc.status, exc.message, exc.field)
+
+    @app.errorhandler(UnavailableError)
+    async def _unavailable(exc: UnavailableError) -> Response:
+        return error_response(503, str(exc))
+
+    @app.errorhandler(EtcdUnavailableError)
+    async def _etcd_down(exc: EtcdUnavailableError) -> Response:
+        log.warning("etcd unavailable", extra={"error": str(exc)})
+        return error_response(503, "etcd is unavailable; try again")
+
+    @app.errorhandler(EtcdError)
+    async def _etcd_error(exc: EtcdError) -> Response:
+        log.error("etcd error", extra={"error": str(exc)})
+        return error_response(503, "storage error; try again")
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(exc: HTTPException) -> Response:
+        code = exc.code or 500
+        return error_response(code, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    async def _unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error", extra={"path": request.path})
+        return error_response(500, "internal error")
+
+    @app.after_request
+    async def _count(response: Response) -> Response:
+        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        HTTP_REQUESTS.labels(name, rule, str(response.status_code)).inc()
+        return response
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return json_response({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        ready, detail = await readiness()
+        return json_response({"ready": ready, **detail}, 200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
