@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
@@ -44,10 +45,9 @@ async def run_demo(daemon: Daemon, idc: str, regional_url: str) -> int:
     assert daemon.control_plane is not None
     store = daemon.control_plane.store
     req = CreateTaskRequest(idc=idc, sn=DEMO_SN, mac=DEMO_MAC, os_type="demo", os_version="1")
-    try:
+    # A live demo task from an earlier run (same etcd): carry on with it.
+    with contextlib.suppress(ConflictError):
         await store.create_task(req, actor="lpmosd-dev")
-    except ConflictError:
-        pass  # a live demo task from an earlier run: carry on with it
     _say(f"demo: task {idc}/{DEMO_SN} created; starting its agent")
     started = trio.current_time()
     async with open_nursery() as nursery:
@@ -58,7 +58,8 @@ async def run_demo(daemon: Daemon, idc: str, regional_url: str) -> int:
             result.append(await run_agent(opts))
 
         nursery.start_soon(agent)
-        while (await store.get_meta(idc, DEMO_SN)) is None:
+        # Approve once the agent has reported its hardware, as an operator would.
+        while (await store.get_meta(idc, DEMO_SN)) is None:  # noqa: ASYNC110 - polls etcd
             await trio.sleep(0.2)
         stored = await store.get_task(idc, DEMO_SN)
         if stored.task.status is TaskStatus.PENDING:
