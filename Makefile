@@ -1,4 +1,5 @@
-# Two commands on a fresh Debian 12 machine (root, or a user with sudo): `make dev`, `make test`.
+# On a fresh Debian 12 machine the README's commands are scripts/dev and scripts/test (no make
+# needed); these targets are shortcuts to them.
 # scripts/bootstrap installs what they need (apt packages, .venv) and is fast once done.
 
 .PHONY: bootstrap dev test check
@@ -6,11 +7,11 @@
 bootstrap:
 	@./scripts/bootstrap
 
-dev: bootstrap
-	.venv/bin/lpmosd dev
+dev:
+	./scripts/dev
 
-test: bootstrap
-	.venv/bin/pytest -q
+test:
+	./scripts/test
 
 check: bootstrap
 	.venv/bin/ruff check .
