@@ -1,0 +1,511 @@
+"""HTTP client for the regional's agent API (``lpmosd/web/openapi/agent.yaml``).
+
+Every call retries, with capped exponential backoff and jitter, on anything that looks like
+a regional that is restarting or unreachable: connection errors, timeouts, 429 and 5xx (a
+regional that lost its etcd session answers 503 until it is back). The retries of one call
+are bounded by :attr:`RetryPolicy.total`; past it :class:`RegionalUnavailableError` is raised.
+Other errors raise :class:`AgentAPIError` with the regional's ``error`` and ``field``.
+
+A retried POST may have been applied by the first attempt (the answer was lost), so callers
+treat progress as idempotent and a 409 on complete/fail as "look at the task" (see
+:mod:`lpmosd.agent.main`); a log batch may at worst be stored twice.
+
+Authentication: when registration returns ``agent_token`` it is sent as a bearer token on
+every later call. A 401 on a later call means the regional no longer knows the token (it
+was re-enrolled or its token store was reset): the client registers again with the body it
+registered with, and repeats the call once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Self
+from urllib.parse import quote
+
+import httpx
+import trio
+
+from lpmosd.config import PlanStep
+from lpmosd.errors import LpmosdError
+from lpmosd.models import STEP_RE, LogLevel
+
+__all__ = [
+    "AgentAPIError",
+    "AgentClient",
+    "AgentPlan",
+    "Heartbeat",
+    "PlanError",
+    "RegionalUnavailableError",
+    "Registration",
+    "RetryPolicy",
+    "TaskReply",
+    "TaskView",
+    "parse_plan",
+]
+
+log = logging.getLogger("lpmosd.agent")
+
+API_PREFIX: Final = "/api/v1/agent"
+_RETRY_STATUSES: Final = frozenset({429, 500, 502, 503, 504})
+#: Log a still-failing call at WARNING every this many attempts (DEBUG in between).
+_WARN_EVERY: Final = 10
+
+
+class AgentAPIError(LpmosdError):
+    """The regional refused a call; ``status`` is the HTTP status (0: no answer)."""
+
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(f"HTTP {status}: {message}" if status else message)
+        self.status = status
+        self.message = message
+        self.field = field
+
+
+class RegionalUnavailableError(AgentAPIError):
+    """The regional did not answer usefully within the retry budget of one call."""
+
+
+class PlanError(LpmosdError):
+    """The install plan served by the regional is malformed."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Backoff for retried calls: ``initial`` doubling up to ``maximum`` seconds (±20 %
+    jitter), for at most ``total`` seconds per call."""
+
+    initial: float = 0.5
+    maximum: float = 5.0
+    total: float = 600.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (1-based)."""
+        base: float = min(self.maximum, self.initial * 2.0 ** min(attempt - 1, 32))
+        return base * random.uniform(0.8, 1.2)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskView:
+    """The agent's view of its task (the ``task`` object of the API)."""
+
+    task_id: str
+    idc: str
+    sn: str
+    mac: str
+    os_type: str
+    os_version: str = ""
+    disk_layout: str = ""
+    network_config: str = ""
+    status: str
+    resume_from: str | None = None
+    #: Latest percent per step name, from the task's progress list.
+    progress: Mapping[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_obj(cls, obj: object) -> Self:
+        """Parse leniently (unknown fields are ignored); raises ValueError on wrong shapes."""
+        if not isinstance(obj, dict):
+            raise ValueError("task must be an object")
+
+        def text(name: str, *, required: bool = False) -> str:
+            value = obj.get(name)
+            if value is None and not required:
+                return ""
+            if not isinstance(value, str):
+                raise ValueError(f"task.{name} must be a string")
+            return value
+
+        progress: dict[str, int] = {}
+        raw_progress = obj.get("progress") or []
+        if not isinstance(raw_progress, list):
+            raise ValueError("task.progress must be a list")
+        for entry in raw_progress:
+            if not isinstance(entry, dict):
+                raise ValueError("task.progress entries must be objects")
+            step, percent = entry.get("step"), entry.get("percent")
+            if not isinstance(step, str) or isinstance(percent, bool):
+                raise ValueError("task.progress entries need step and percent")
+            if not isinstance(percent, int):
+                raise ValueError("task.progress percent must be an integer")
+            progress[step] = percent
+        resume = obj.get("resume_from")
+        if resume is not None and not isinstance(resume, str):
+            raise ValueError("task.resume_from must be a string or null")
+        return cls(
+            task_id=text("task_id", required=True),
+            idc=text("idc"),
+            sn=text("sn", required=True),
+            mac=text("mac"),
+            os_type=text("os_type"),
+            os_version=text("os_version"),
+            disk_layout=text("disk_layout"),
+            network_config=text("network_config"),
+            status=text("status", required=True),
+            resume_from=resume or None,
+            progress=progress,
+        )
+
+    def placeholders(self) -> dict[str, str]:
+        """Values for a plan command's ``{name}`` placeholders (and ``LPMOS_*`` variables)."""
+        return {
+            "task_id": self.task_id,
+            "idc": self.idc,
+            "sn": self.sn,
+            "mac": self.mac,
+            "os_type": self.os_type,
+            "os_version": self.os_version,
+            "disk_layout": self.disk_layout,
+            "network_config": self.network_config,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AgentPlan:
+    """The install plan as served to the agent: a name and ordered steps."""
+
+    name: str
+    steps: tuple[PlanStep, ...]
+
+    @property
+    def step_names(self) -> tuple[str, ...]:
+        """Step names in order."""
+        return tuple(s.name for s in self.steps)
+
+
+def _number(value: object, where: str, *, minimum: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise PlanError(f"{where} must be a number")
+    if value < minimum:
+        raise PlanError(f"{where} must be at least {minimum:g}")
+    return float(value)
+
+
+def parse_plan(obj: object) -> AgentPlan | None:
+    """Parse the ``plan`` of a task reply; ``None`` stays ``None``. Raises PlanError."""
+    if obj is None:
+        return None
+    if not isinstance(obj, dict):
+        raise PlanError("plan must be an object")
+    name = obj.get("name")
+    if not isinstance(name, str):
+        raise PlanError("plan.name must be a string")
+    raw_steps = obj.get("steps")
+    if not isinstance(raw_steps, list):
+        raise PlanError("plan.steps must be a list")
+    steps: list[PlanStep] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(raw_steps):
+        where = f"plan.steps[{i}]"
+        if not isinstance(raw, dict):
+            raise PlanError(f"{where} must be an object")
+        step_name = raw.get("name")
+        if not isinstance(step_name, str) or STEP_RE.fullmatch(step_name) is None:
+            # Progress reports name the step; the regional refuses other names.
+            raise PlanError(f"{where}.name must be 1-64 of a-z, 0-9, '_', '.', '-'")
+        if step_name in seen:
+            raise PlanError(f"{where}.name {step_name!r} is repeated")
+        seen.add(step_name)
+        command = raw.get("command", [])
+        if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
+            raise PlanError(f"{where}.command must be a list of strings")
+        timeout = _number(raw.get("timeout", 3600), f"{where}.timeout", minimum=0.001)
+        sim_raw = raw.get("simulate")
+        simulate = None if sim_raw is None else _number(sim_raw, f"{where}.simulate", minimum=0)
+        if simulate is None and not command:
+            raise PlanError(f"{where} needs a command or simulate")
+        steps.append(
+            PlanStep(name=step_name, command=tuple(command), timeout=timeout, simulate=simulate)
+        )
+    return AgentPlan(name=name, steps=tuple(steps))
+
+
+@dataclass(frozen=True, slots=True)
+class TaskReply:
+    """A task with its plan. ``plan_error`` is set (and ``plan`` None) when the served plan
+    is malformed, so the agent can fail the task saying why."""
+
+    task: TaskView
+    plan: AgentPlan | None
+    plan_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Registration(TaskReply):
+    """The answer to register."""
+
+    lease_ttl: float = 30.0
+    heartbeat_interval: float = 10.0
+    agent_token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """The answer to a heartbeat: the task's status and the agent lease's TTL."""
+
+    status: str
+    lease_ttl: float
+
+
+def _task_reply(body: dict[str, Any], status: int) -> tuple[TaskView, AgentPlan | None, str | None]:
+    try:
+        task = TaskView.from_obj(body.get("task"))
+    except ValueError as exc:
+        raise AgentAPIError(status, f"malformed response: {exc}") from None
+    try:
+        return task, parse_plan(body.get("plan")), None
+    except PlanError as exc:
+        return task, None, str(exc)
+
+
+def _positive(body: dict[str, Any], name: str, default: float) -> float:
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        return default
+    return float(value)
+
+
+def _error_of(resp: httpx.Response) -> AgentAPIError:
+    message, field_ = f"{resp.reason_phrase or 'error'}", None
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        if isinstance(body.get("error"), str):
+            message = body["error"]
+        if isinstance(body.get("field"), str):
+            field_ = body["field"]
+    return AgentAPIError(resp.status_code, message, field_)
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: ignore, use our backoff
+
+
+class AgentClient:
+    """The regional's agent API for one machine (``sn``), with retries and the agent token.
+
+    Use as an async context manager (it owns an :class:`httpx.AsyncClient`). ``transport``
+    replaces the network (tests). The methods :meth:`progress` and :meth:`logs` make it a
+    :class:`~lpmosd.agent.runner.StepReporter`.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        sn: str,
+        *,
+        retry: RetryPolicy | None = None,
+        request_timeout: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.sn = sn
+        self.retry = retry or RetryPolicy()
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            timeout=request_timeout,
+            transport=transport,
+            headers={"User-Agent": "lpmosd-agent"},
+            follow_redirects=False,
+        )
+        self._base = f"{API_PREFIX}/{quote(sn, safe='')}"
+        self._token: str | None = None
+        self._token_generation = 0
+        self._register_body: dict[str, Any] | None = None
+        self._reauth_lock = trio.Lock()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the HTTP connections."""
+        with trio.CancelScope(shield=True):
+            await self._http.aclose()
+
+    @property
+    def has_token(self) -> bool:
+        """Whether the regional gave us an agent token."""
+        return self._token is not None
+
+    # ------------------------------------------------------------------ transport
+
+    async def _send(self, method: str, path: str, body: Mapping[str, Any] | None) -> httpx.Response:
+        """One call with retries on transient failures; returns the final response."""
+        policy = self.retry
+        started = trio.current_time()
+        attempt = 0
+        while True:
+            attempt += 1
+            headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+            problem: str
+            wait: float | None = None
+            try:
+                resp = await self._http.request(method, path, json=body, headers=headers)
+            except httpx.TransportError as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            else:
+                if resp.status_code not in _RETRY_STATUSES:
+                    if attempt > 1:
+                        log.info(
+                            "regional answers again",
+                            extra={
+                                "path": path,
+                                "attempts": attempt,
+                                "down_for": round(trio.current_time() - started, 1),
+                            },
+                        )
+                    return resp
+                problem = f"HTTP {resp.status_code}: {_error_of(resp).message}"
+                wait = _retry_after(resp)
+            elapsed = trio.current_time() - started
+            if elapsed >= policy.total:
+                log.error(
+                    "giving up on the regional",
+                    extra={"path": path, "attempts": attempt, "error": problem},
+                )
+                raise RegionalUnavailableError(
+                    0, f"{method} {path}: no answer after {elapsed:.0f}s: {problem}"
+                )
+            delay = policy.delay(attempt)
+            if wait is not None:
+                delay = min(max(delay, wait), policy.maximum)
+            delay = min(delay, policy.total - elapsed)
+            level = logging.WARNING if attempt % _WARN_EVERY == 1 else logging.DEBUG
+            log.log(
+                level,
+                "regional unavailable, retrying",
+                extra={
+                    "path": path,
+                    "attempt": attempt,
+                    "retry_in": round(delay, 2),
+                    "error": problem,
+                },
+            )
+            await trio.sleep(delay)
+
+    async def _call(
+        self, method: str, path: str, body: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """A call with retries and re-registration on 401; returns the JSON object answered."""
+        for reauthed in (False, True):
+            generation = self._token_generation
+            resp = await self._send(method, path, body)
+            if resp.status_code == 401 and not reauthed and self._register_body is not None:
+                await self._reauthenticate(generation)
+                continue
+            return self._json(resp)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _json(resp: httpx.Response) -> dict[str, Any]:
+        if not resp.is_success:
+            raise _error_of(resp)
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise AgentAPIError(resp.status_code, "malformed response: not a JSON object")
+        return body
+
+    async def _reauthenticate(self, generation: int) -> None:
+        async with self._reauth_lock:
+            if self._token_generation != generation:
+                return  # another task re-registered while we waited: just use its token
+            log.warning("regional refused our token; registering again", extra={"sn": self.sn})
+            assert self._register_body is not None
+            self._token = None
+            await self._do_register(self._register_body)
+
+    # ------------------------------------------------------------------ API
+
+    async def _do_register(self, body: dict[str, Any]) -> Registration:
+        resp = await self._send("POST", f"{API_PREFIX}/register", body)
+        data = self._json(resp)
+        task, plan, plan_error = _task_reply(data, resp.status_code)
+        token = data.get("agent_token")
+        if token is not None and not isinstance(token, str):
+            raise AgentAPIError(resp.status_code, "malformed response: agent_token")
+        self._token = token or None
+        self._token_generation += 1
+        self._register_body = body
+        return Registration(
+            task,
+            plan,
+            plan_error,
+            lease_ttl=_positive(data, "lease_ttl", 30.0),
+            heartbeat_interval=_positive(data, "heartbeat_interval", 10.0),
+            agent_token=self._token,
+        )
+
+    async def register(
+        self, mac: str, hardware: Mapping[str, Any], enrollment_secret: str | None = None
+    ) -> Registration:
+        """``POST /register``: report the hardware and get the task, plan and lease terms."""
+        body: dict[str, Any] = {"sn": self.sn, "mac": mac, "hardware": dict(hardware)}
+        if enrollment_secret is not None:
+            body["enrollment_secret"] = enrollment_secret
+        return await self._do_register(body)
+
+    async def reregister(self) -> Registration:
+        """Register again with the body of the last registration (a new lease and token).
+
+        For when the regional says our lease is gone while the task is still live.
+        """
+        if self._register_body is None:
+            raise RuntimeError("reregister() before register()")
+        return await self._do_register(self._register_body)
+
+    async def get_task(self) -> TaskReply:
+        """``GET /{sn}/task``: the task (its status tells the agent about approval) and plan."""
+        resp_body = await self._call("GET", f"{self._base}/task")
+        task, plan, plan_error = _task_reply(resp_body, 200)
+        return TaskReply(task, plan, plan_error)
+
+    async def heartbeat(self) -> Heartbeat:
+        """``POST /{sn}/heartbeat``: refresh the agent's lease; returns the task status."""
+        body = await self._call("POST", f"{self._base}/heartbeat", {})
+        status = body.get("status")
+        return Heartbeat(
+            status if isinstance(status, str) else "", _positive(body, "lease_ttl", 30.0)
+        )
+
+    async def progress(self, step: str, percent: int, message: str) -> None:
+        """``POST /{sn}/progress``; a 409 means the task is no longer being installed."""
+        await self._call(
+            "POST",
+            f"{self._base}/progress",
+            {"step": step, "percent": percent, "message": message},
+        )
+
+    async def logs(self, lines: Sequence[str], level: LogLevel = "INFO") -> None:
+        """``POST /{sn}/logs`` with at most 100 lines."""
+        if lines:
+            await self._call("POST", f"{self._base}/logs", {"lines": list(lines), "level": level})
+
+    async def complete(self) -> str:
+        """``POST /{sn}/complete``; returns the new status."""
+        body = await self._call("POST", f"{self._base}/complete", {})
+        return str(body.get("status", ""))
+
+    async def fail(self, reason: str) -> str:
+        """``POST /{sn}/fail``; returns the new status."""
+        body = await self._call("POST", f"{self._base}/fail", {"reason": reason})
+        return str(body.get("status", ""))
