@@ -14,7 +14,7 @@ import trio
 
 from lpmosd._trio_util import open_nursery
 from lpmosd.config import Config, EtcdConfig
-from lpmosd.etcd import Auth, EtcdClient, TLSFiles, open_client
+from lpmosd.etcd import Auth, EtcdClient, TLSFiles, ensure_loop, open_client
 from lpmosd.roles.control_plane import ControlPlane
 from lpmosd.roles.regional import Regional
 from lpmosd.store import Store
@@ -90,7 +90,7 @@ async def run_daemon(
 async def serve_until_signalled(config: Config) -> None:
     """``lpmosd run``: the daemon until SIGTERM/SIGINT, then a bounded graceful stop."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with open_nursery() as nursery:
+        async with ensure_loop(), open_nursery() as nursery:
             await nursery.start(run_daemon, config)
             async for signum in signals:
                 log.info("shutting down", extra={"signal": signal.Signals(signum).name})

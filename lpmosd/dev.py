@@ -14,6 +14,7 @@ from lpmosd._trio_util import open_nursery
 from lpmosd.config import dev_config
 from lpmosd.daemon import Daemon, run_daemon
 from lpmosd.errors import ConflictError, NotFoundError
+from lpmosd.etcd import ensure_loop
 from lpmosd.etcd_process import EtcdProcess
 from lpmosd.models import CreateTaskRequest, TaskStatus
 
@@ -94,7 +95,7 @@ async def run_dev(opts: DevOptions) -> int:
     )
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with open_nursery() as nursery:
+            async with ensure_loop(), open_nursery() as nursery:
                 daemon: Daemon = await nursery.start(run_daemon, config)
                 cp, rg = daemon.urls["control-plane"], daemon.urls["regional"]
                 _say(

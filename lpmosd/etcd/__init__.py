@@ -3,7 +3,7 @@
 Only :mod:`lpmosd.etcd._bridge` knows that asyncio and gRPC exist.
 """
 
-from lpmosd.etcd._bridge import TLSFiles
+from lpmosd.etcd._bridge import TLSFiles, ensure_loop
 from lpmosd.etcd.client import Auth, EtcdClient, Write, open_client
 from lpmosd.etcd.lease import HeldLease, open_lease
 from lpmosd.etcd.txn import Compare, Delete, Get, Op, Put, delete, get, prefix_end, put
@@ -46,6 +46,7 @@ __all__ = [
     "WatchStream",
     "Write",
     "delete",
+    "ensure_loop",
     "get",
     "open_client",
     "open_lease",

@@ -404,7 +404,11 @@ async def _send_loop(gstream: grpclib.client.Stream[Any, Any], queue: asyncio.Qu
 
 @contextlib.asynccontextmanager
 async def ensure_loop() -> AsyncIterator[None]:
-    """Make sure a trio-asyncio loop is running; open one for the body if none is."""
+    """Make sure a trio-asyncio loop is running; open one for the body if none is.
+
+    Open it near the top of the process: tasks see the loop only when they are started
+    from inside this context (a Trio task started in an outer nursery cannot call etcd).
+    """
     if trio_asyncio.current_loop.get(None) is not None:
         yield
         return
