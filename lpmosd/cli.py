@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         register_agent(sub)
+
+    from lpmosd.inspect import register as register_inspect
+    from lpmosd.migrate import register as register_migrate
+
+    register_migrate(sub)
+    register_inspect(sub)
     return parser
 
 
