@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from lpmosd import models, schema
-from lpmosd.errors import ConflictError, NotFoundError
+from lpmosd.errors import ConflictError, InputError, NotFoundError
 from lpmosd.etcd import (
     Compare,
     EtcdClient,
@@ -165,10 +165,15 @@ class Store:
         else:
             guard = Compare.absent(task_key)
         # Replace a finished task (or a stray server entry without a task): clear the
-        # machine's old meta and lease along with it, all in one Txn.
+        # machine's old meta and lease along with it, all in one Txn. Key by key: etcd
+        # refuses a Txn whose delete range overlaps one of its puts (the task key).
         r = await self.client.txn(
             [guard],
-            [delete(schema.machine_prefix(req.idc, req.sn), prefix=True), *ops],
+            [
+                delete(schema.meta_key(req.idc, req.sn)),
+                delete(schema.lease_key(req.idc, req.sn)),
+                *ops,
+            ],
             [],
         )
         if not r.succeeded:
@@ -207,7 +212,15 @@ class Store:
             extra = list(also(new)) if also else []
             return Write(new.to_json(), (put(server_key, entry.to_json()), *extra), guards)
 
-        r = await self.client.atomic_update(task_key, step, current=current)
+        try:
+            r = await self.client.atomic_update(task_key, step, current=current)
+        except InputError:
+            if current is None:
+                raise
+            # ``current`` came from a watch cache that may lag behind etcd (the control
+            # plane approved a moment ago): a refusal must be decided on fresh data, so
+            # read the key and try once more.
+            r = await self.client.atomic_update(task_key, step)
         if r.guard_failed:
             raise ConflictError(f"server {sn} in {idc} changed concurrently", field="sn")
         return StoredTask(result_task[0], r.revision, r.kv)
@@ -234,7 +247,18 @@ class Store:
     async def retry(self, idc: str, sn: str, *, actor: str) -> Task:
         """failed → approved, resuming from the step that failed."""
         now = self.clock()
-        stored = await self.update_task(idc, sn, lambda t: models.retry(t, now=now, actor=actor))
+
+        def fn(t: Task) -> Task:
+            # The state machine allows pending → approved too (that is approve, which
+            # records who approved): retry is for failed tasks only.
+            if t.status is not TaskStatus.FAILED:
+                raise ConflictError(
+                    f"cannot retry a task in status {t.status}; only a failed task can be retried",
+                    field="status",
+                )
+            return models.retry(t, now=now, actor=actor)
+
+        stored = await self.update_task(idc, sn, fn)
         return stored.task
 
     async def fail(
