@@ -74,7 +74,9 @@ class ControlPlane:
             log.info("control plane listening", extra={"url": url})
             task_status.started(url)
 
-    async def _session_body(self, lease: HeldLease) -> None:
+    async def _session_body(
+        self, lease: HeldLease, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         view = PrefixView(self.client, schema.ROOT)
         reap_send, reap_recv = trio.open_memory_channel[tuple[str, str, str]](10_000)
 
@@ -94,6 +96,7 @@ class ControlPlane:
                 self.view = view
                 nursery.start_soon(self._reap, reap_recv)
                 self._reap_orphans(view, reap_send)
+                task_status.started()
                 await trio.sleep_forever()
         finally:
             self.view = None

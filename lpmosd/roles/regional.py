@@ -99,7 +99,9 @@ class Regional:
             log.info("regional listening", extra={"idc": self.idc, "url": self.url})
             task_status.started(self.url)
 
-    async def _session_body(self, lease: HeldLease) -> None:
+    async def _session_body(
+        self, lease: HeldLease, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         servers = PrefixView(self.client, schema.servers_prefix(self.idc))
         machines = PrefixView(self.client, schema.machines_prefix(self.idc))
         servers.listeners.append(self._on_server)
@@ -113,6 +115,7 @@ class Regional:
                     "regional synced",
                     extra={"idc": self.idc, "servers": len(servers.items), "live_agents": live},
                 )
+                task_status.started()
                 await trio.sleep_forever()
         finally:
             self.servers = self.machines = None

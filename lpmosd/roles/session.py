@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from lpmosd._trio_util import open_nursery
 from lpmosd.errors import EtcdError, LeaseLost
 from lpmosd.etcd import EtcdClient, HeldLease, open_lease
 from lpmosd.models import format_ts, utcnow
@@ -71,14 +72,15 @@ async def run_session(
     *,
     key: str,
     ttl: int,
-    body: Callable[[HeldLease], Awaitable[None]],
+    body: SessionBody,
     value: str,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run ``body`` under a session lease, restarting it with a fresh lease when lost.
 
-    ``body`` must call nothing slow before it is useful: the role counts as running once
-    the session key is written. Reports started after the first session is up.
+    ``body`` is started like a nursery task: the role counts as running once it reports
+    started (its views are synced and it can serve), not merely once the session key is
+    written. Reports started after the first session is up.
     """
     reported = False
     backoff = 0.2
@@ -87,13 +89,14 @@ async def run_session(
             async with open_lease(client, ttl) as lease:
                 await client.put(key, value, lease=lease.id)
                 state.lease = lease
-                state.state = "running"
-                log.info("session started", extra={"role": state.role, "lease": lease.id})
-                backoff = 0.2
-                if not reported:
-                    reported = True
-                    task_status.started()
-                await body(lease)
+                async with open_nursery() as nursery:
+                    await nursery.start(body, lease)
+                    state.state = "running"
+                    log.info("session started", extra={"role": state.role, "lease": lease.id})
+                    backoff = 0.2
+                    if not reported:
+                        reported = True
+                        task_status.started()
         except LeaseLost as exc:
             state.restarts += 1
             state.record_error(str(exc))
