@@ -15,7 +15,6 @@ from lpmosd import schema
 from lpmosd.errors import (
     ConflictError,
     LeaseNotFoundError,
-    NotFoundError,
     UnavailableError,
     ValidationError,
 )
@@ -32,7 +31,7 @@ from lpmosd.models import (
 )
 from lpmosd.store import StoredTask
 from lpmosd.view import PrefixView
-from lpmosd.web.common import install_common, json_response, read_json
+from lpmosd.web.common import install_common, json_response, no_fields, read_json
 
 if TYPE_CHECKING:
     from lpmosd.roles.regional import Regional
@@ -80,11 +79,14 @@ def create_agent_app(rg: Regional) -> QuartTrio:
             raise UnavailableError("regional is restarting its etcd session; retry shortly")
         return view
 
-    def cached_task(view: PrefixView, sn: str) -> KeyValue:
-        kv = view.get(schema.task_key(idc, sn))
-        if kv is None:
-            raise NotFoundError(f"no task for server {sn} in {idc}", field="sn")
+    async def cached_task(view: PrefixView, sn: str) -> KeyValue:
+        kv = await ensure_task(view, sn)
+        assert kv is not None
         return kv
+
+    async def live_lease_id(sn: str) -> int | None:
+        # The view may not have the lease key of a registration a moment ago yet.
+        return rg.lease_id(sn) or await store.get_lease_id(idc, sn)
 
     def plan_view(task: Task) -> dict[str, Any] | None:
         plan = cfg.plan_for(task.os_type)
@@ -128,7 +130,12 @@ def create_agent_app(rg: Regional) -> QuartTrio:
         mac = schema.normalize_mac(body.get("mac"))
         if "hardware" not in body:
             raise ValidationError("hardware is required", field="hardware")
-        meta = MachineMeta.from_report(body["hardware"], now=utcnow())
+        try:
+            meta = MachineMeta.from_report(body["hardware"], now=utcnow())
+        except ValidationError as exc:
+            # Name the field as the client spelled it: hardware.disks[0].size_bytes.
+            where = f"hardware.{exc.field}" if exc.field else "hardware"
+            raise ValidationError(f"{where}: {exc.message}", field=where) from None
         current = await ensure_task(view, sn)
         old_lease = rg.lease_id(sn)
         lease = await rg.client.lease_grant(cfg.agent_lease_ttl)
@@ -167,15 +174,21 @@ def create_agent_app(rg: Regional) -> QuartTrio:
     async def heartbeat(sn: str) -> Response:
         view = machines()
         sn = schema.validate_sn(sn)
-        await read_json(max_body, empty_ok=True)
-        task = Task.from_json(cached_task(view, sn).value)
-        lease_id = rg.lease_id(sn)
+        no_fields(await read_json(max_body, empty_ok=True))
+        task = Task.from_json((await cached_task(view, sn)).value)
+        lease_id = await live_lease_id(sn)
         ttl = 0
         if lease_id and task.status not in (TaskStatus.COMPLETED, TaskStatus.CANCELLED):
             try:
                 ttl = await rg.client.keepalive_once(lease_id)
             except LeaseNotFoundError:
-                ttl = 0
+                # A cached id may be the lease a re-registration just replaced: ask etcd.
+                fresh = await store.get_lease_id(idc, sn)
+                if fresh and fresh != lease_id:
+                    try:
+                        ttl = await rg.client.keepalive_once(fresh)
+                    except LeaseNotFoundError:
+                        ttl = 0
         if not ttl and task.status in ACTIVE_AGENT | {TaskStatus.PENDING}:
             raise ConflictError(f"agent of {sn} holds no live lease; register again", field="sn")
         rg.heartbeats[sn] = trio.current_time()
@@ -192,7 +205,7 @@ def create_agent_app(rg: Regional) -> QuartTrio:
             step=req.step,
             percent=req.percent,
             message=req.message,
-            current=cached_task(view, sn),
+            current=await cached_task(view, sn),
         )
         observed(view, stored)
         return json_response({"status": stored.task.status.value})
@@ -203,16 +216,16 @@ def create_agent_app(rg: Regional) -> QuartTrio:
         sn = schema.validate_sn(sn)
         req = LogRequest.from_obj(await read_json(max_body))
         stored = await store.append_logs(
-            idc, sn, req.lines, level=req.level, current=cached_task(view, sn)
+            idc, sn, req.lines, level=req.level, current=await cached_task(view, sn)
         )
         observed(view, stored)
         return json_response({"status": stored.task.status.value})
 
     async def finish(sn: str, outcome: TaskStatus, reason: str) -> Response:
         view = machines()
-        lease_id = rg.lease_id(sn)
+        lease_id = await live_lease_id(sn)
         stored = await store.finish(
-            idc, sn, outcome=outcome, reason=reason, current=cached_task(view, sn)
+            idc, sn, outcome=outcome, reason=reason, current=await cached_task(view, sn)
         )
         observed(view, stored)
         await rg.revoke_quietly(lease_id)
@@ -222,7 +235,7 @@ def create_agent_app(rg: Regional) -> QuartTrio:
     @app.post("/api/v1/agent/<sn>/complete")
     async def complete(sn: str) -> Response:
         sn = schema.validate_sn(sn)
-        await read_json(max_body, empty_ok=True)
+        no_fields(await read_json(max_body, empty_ok=True))
         return await finish(sn, TaskStatus.COMPLETED, "")
 
     @app.post("/api/v1/agent/<sn>/fail")

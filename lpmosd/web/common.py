@@ -35,11 +35,20 @@ Readiness = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
 
 
 def error_response(status: int, message: str, field: str | None = None) -> Response:
-    """The JSON error shape of every API: ``{"error": ..., "field": ...}``."""
+    """The JSON error shape of every API: ``{"error": ..., "field": ...}``.
+
+    A 413 closes the connection: the rest of the oversized body is never read, and a
+    client that sends the whole body before reading (httpx, most libraries without
+    ``Expect: 100-continue``) would otherwise block on a full socket until it timed out
+    instead of seeing the answer.
+    """
     body: dict[str, Any] = {"error": message}
     if field is not None:
         body["field"] = field
-    return Response(json.dumps(body), status=status, content_type="application/json")
+    response = Response(json.dumps(body), status=status, content_type="application/json")
+    if status == 413:
+        response.headers["Connection"] = "close"
+    return response
 
 
 def json_response(obj: Any, status: int = 200) -> Response:
@@ -76,8 +85,12 @@ def parse_json(data: bytes) -> object:
         raise ValidationError("JSON nested too deeply", field="body") from None
 
 
-async def read_json(max_bytes: int, *, empty_ok: bool = False) -> object:
-    """The request body as strict JSON, refusing bodies over ``max_bytes`` (413)."""
+async def read_json(max_bytes: int, *, empty_ok: bool = False) -> dict[str, Any]:
+    """The request body: a strict JSON object, refusing bodies over ``max_bytes`` (413).
+
+    Every body of our APIs is an object; anything else (``[]``, ``null``, a number) is a
+    400 naming ``body`` — never silently taken for "no body".
+    """
     length = request.content_length
     if length is not None and length > max_bytes:
         raise PayloadTooLargeError(f"body over {max_bytes} bytes", field="body")
@@ -93,7 +106,16 @@ async def read_json(max_bytes: int, *, empty_ok: bool = False) -> object:
         if empty_ok:
             return {}
         raise ValidationError("a JSON body is required", field="body")
-    return parse_json(data)
+    body = parse_json(data)
+    if not isinstance(body, dict):
+        raise ValidationError("body must be a JSON object", field="body")
+    return body
+
+
+def no_fields(body: dict[str, Any]) -> None:
+    """For endpoints that take no parameters: refuse any field rather than ignore it."""
+    for key in body:
+        raise ValidationError(f"unknown field {key!r}", field=str(key))
 
 
 def install_common(app: QuartTrio, *, name: str, readiness: Readiness, max_body: int) -> None:
