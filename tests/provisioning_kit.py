@@ -1,0 +1,212 @@
+"""Shared helpers of the provisioning tests (store, view, roles, web, e2e).
+
+Fixture-free on purpose: each test directory's conftest builds its fixtures from these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import trio
+
+from lpmosd.config import (
+    ROLE_CONTROL_PLANE,
+    ROLE_REGIONAL,
+    Config,
+    ControlPlaneConfig,
+    EtcdConfig,
+    RegionalConfig,
+)
+from lpmosd.daemon import Daemon, run_daemon
+from lpmosd.etcd import EtcdClient
+
+#: The guide's curl body, verbatim.
+GUIDE_TASK: dict[str, Any] = {
+    "idc": "dc1",
+    "sn": "sn-001",
+    "mac": "00:1a:2b:3c:4d:5e",
+    "os_type": "Ubuntu 22.04",
+    "os_version": "22.04",
+}
+
+#: A plausible hardware report, as the agent sends it.
+HARDWARE: dict[str, Any] = {
+    "cpu_model": "Intel(R) Xeon(R) Gold 6330 CPU @ 2.00GHz",
+    "cpu_cores": 28,
+    "memory_bytes": 256 * 1024**3,
+    "disks": [
+        {"name": "sda", "size_bytes": 960 * 10**9, "model": "SAMSUNG MZ7LH960", "rotational": False}
+    ],
+    "nics": [{"name": "eno1", "mac": "00:1a:2b:3c:4d:5e", "speed_mbps": 25000}],
+    "dmi": {"vendor": "Dell Inc.", "product": "PowerEdge R750", "serial": "SN001"},
+}
+
+#: Keyspace snapshot: key -> (value, mod_revision, lease).
+Snapshot = dict[bytes, tuple[bytes, int, int]]
+
+
+async def keyspace(client: EtcdClient) -> Snapshot:
+    """Every key of the cluster (the ``""`` prefix) with its value, mod revision and lease.
+
+    etcd refuses an empty key, so "everything" is the range ``["\\0", "\\0")`` (all keys).
+    """
+    result = await client.range(b"\0", range_end=b"\0")
+    assert not result.more
+    return {kv.key: (kv.value, kv.mod_revision, kv.lease) for kv in result.kvs}
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def make_config(
+    endpoints: list[str],
+    *,
+    roles: frozenset[str] = frozenset({ROLE_CONTROL_PLANE, ROLE_REGIONAL}),
+    idc: str = "dc1",
+    control_plane_port: int = 0,
+    regional_port: int = 0,
+    agent_lease_ttl: int = 30,
+    heartbeat_interval: int = 10,
+    session_ttl: int = 10,
+    request_timeout: float = 10.0,
+) -> Config:
+    """A loopback config like ``dev_config`` but with any port (0: ephemeral) and TTLs."""
+    return Config(
+        roles=roles,
+        log_format="text",
+        etcd=EtcdConfig(endpoints=tuple(endpoints), request_timeout=request_timeout),
+        control_plane=ControlPlaneConfig(
+            listen="127.0.0.1", port=control_plane_port, tokens_file=None
+        )
+        if ROLE_CONTROL_PLANE in roles
+        else None,
+        regional=RegionalConfig(
+            idc=idc,
+            listen="127.0.0.1",
+            port=regional_port,
+            agent_lease_ttl=agent_lease_ttl,
+            heartbeat_interval=heartbeat_interval,
+            session_ttl=session_ttl,
+        )
+        if ROLE_REGIONAL in roles
+        else None,
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_daemon(config: Config) -> AsyncIterator[Daemon]:
+    """Run the daemon in this process for the body, then stop it."""
+    async with trio.open_nursery() as nursery:
+        daemon: Daemon = await nursery.start(run_daemon, config)
+        try:
+            yield daemon
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def wait_for(
+    predicate: Callable[[], Awaitable[bool]] | Callable[[], bool],
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str = "condition",
+) -> float:
+    """Poll ``predicate`` until true; returns the trio time it became true."""
+    with trio.move_on_after(timeout):
+        while True:
+            result = predicate()
+            if not isinstance(result, bool):
+                result = await result
+            if result:
+                return trio.current_time()
+            await trio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class TcpProxy:
+    """A loopback TCP forwarder to ``target_port`` that a test can cut and heal.
+
+    ``cut()`` aborts every forwarded connection and refuses new ones until ``heal()``: a
+    network partition between one etcd client and the server, while others keep writing.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._blocked = False
+        self._scopes: set[trio.CancelScope] = set()
+
+    @property
+    def endpoint(self) -> str:
+        """The proxy's client URL."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def cut(self) -> None:
+        """Drop every connection and refuse new ones until :meth:`heal`."""
+        self._blocked = True
+        for scope in list(self._scopes):
+            scope.cancel()
+
+    def heal(self) -> None:
+        """Accept and forward again."""
+        self._blocked = False
+
+    async def _pipe(self, src: trio.SocketStream, dst: trio.SocketStream) -> None:
+        while True:
+            data = await src.receive_some(65536)
+            if not data:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await dst.send_eof()
+                return
+            await dst.send_all(data)
+
+    async def _handle(self, conn: trio.SocketStream) -> None:
+        async with conn:
+            if self._blocked:
+                return
+            try:
+                upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+            except OSError:
+                return
+            with trio.CancelScope() as scope:
+                self._scopes.add(scope)
+                try:
+                    async with upstream, trio.open_nursery() as nursery:
+                        nursery.start_soon(self._pipe, conn, upstream)
+                        nursery.start_soon(self._pipe, upstream, conn)
+                except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+                finally:
+                    self._scopes.discard(scope)
+            with contextlib.suppress(OSError):
+                conn.socket.setsockopt(
+                    trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept connections until cancelled."""
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+
+@contextlib.asynccontextmanager
+async def open_proxy(target_port: int) -> AsyncIterator[TcpProxy]:
+    """A :class:`TcpProxy` to ``target_port`` for the body."""
+    proxy = TcpProxy(target_port)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.serve)
+        try:
+            yield proxy
+        finally:
+            nursery.cancel_scope.cancel()

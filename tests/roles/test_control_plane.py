@@ -1,0 +1,155 @@
+"""The control plane's lease reaper, against a real etcd.
+
+When an agent's lease key disappears while its task is approved or installing, the task
+must be failed ("agent heartbeat lost", naming the last step) within 1 s of the delete;
+finished, cancelled and deleted tasks are left alone; a delete the watch never delivered
+(lost to compaction while disconnected) is still reaped after the relist.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from provisioning_kit import GUIDE_TASK, HARDWARE, keyspace, make_config, open_daemon, open_proxy
+
+from lpmosd import schema
+from lpmosd.config import ROLE_CONTROL_PLANE
+from lpmosd.etcd import EtcdClient, open_client
+from lpmosd.etcd_process import EtcdProcess
+from lpmosd.models import CreateTaskRequest, MachineMeta, TaskStatus, utcnow
+from lpmosd.roles.control_plane import HEARTBEAT_LOST
+from lpmosd.store import Store
+
+S = TaskStatus
+IDC, MAC = "dc1", "00:1a:2b:3c:4d:5e"
+CP_ONLY = frozenset({ROLE_CONTROL_PLANE})
+
+
+async def setup_task(store: Store, client: EtcdClient, sn: str, status: TaskStatus) -> int:
+    """A task for ``sn`` in ``status`` whose agent holds a live lease; returns the lease."""
+    req = CreateTaskRequest.from_obj({**GUIDE_TASK, "sn": sn})
+    await store.create_task(req, actor="test")
+    lease = await client.lease_grant(60)
+    meta = MachineMeta.from_report(HARDWARE, now=utcnow())
+    await store.register_agent(IDC, sn, mac=MAC, meta=meta, lease_id=lease.id)
+    if status is S.PENDING:
+        return lease.id
+    if status is S.CANCELLED:
+        await store.cancel(IDC, sn, actor="op")
+    else:
+        await store.approve(IDC, sn, approved_by="op")
+    if status in (S.INSTALLING, S.COMPLETED):
+        await store.record_progress(IDC, sn, step="partitioning", percent=40, message="")
+    if status is S.COMPLETED:
+        await store.finish(IDC, sn, outcome=S.COMPLETED)
+    if status in (S.COMPLETED, S.CANCELLED):
+        # Finishing dropped the lease key; an agent that lingers could still hold one.
+        await client.put(schema.lease_key(IDC, sn), f"lease-{lease.id}", lease=lease.id)
+    return lease.id
+
+
+async def wait_status(store: Store, sn: str, status: TaskStatus, *, timeout: float = 5.0) -> float:
+    """Poll until the task of ``sn`` has ``status``; the trio time it was seen."""
+    with trio.fail_after(timeout):
+        while (await store.get_task(IDC, sn)).task.status is not status:  # noqa: ASYNC110
+            await trio.sleep(0.005)
+    return trio.current_time()
+
+
+@pytest.mark.parametrize("status", [S.APPROVED, S.INSTALLING])
+@pytest.mark.parametrize("how", ["delete", "revoke"])
+async def test_lost_lease_fails_task_within_one_second(
+    etcd: EtcdProcess, store: Store, client: EtcdClient, status: TaskStatus, how: str
+) -> None:
+    async with open_daemon(make_config(etcd.endpoints, roles=CP_ONLY)) as daemon:
+        lease_id = await setup_task(store, client, "sn-001", status)
+        await setup_task(store, client, "sn-002", status)  # its agent stays alive
+        t0 = trio.current_time()
+        if how == "delete":
+            await client.delete(schema.lease_key(IDC, "sn-001"))
+        else:
+            await client.lease_revoke(lease_id)
+        took = await wait_status(store, "sn-001", S.FAILED) - t0
+        assert took < 1.0, f"reaped {took:.3f}s after the lease key went"
+        task = (await store.get_task(IDC, "sn-001")).task
+        assert task.error == HEARTBEAT_LOST
+        assert task.status_history[-1].actor == "reaper"
+        if status is S.INSTALLING:
+            assert "at step partitioning" in task.logs[-1]
+        entry = {s.sn: s for s in await store.list_servers(IDC)}["sn-001"]
+        assert entry.status is S.FAILED
+        await trio.sleep(0.3)
+        assert (await store.get_task(IDC, "sn-002")).task.status is status
+        assert daemon.control_plane is not None and daemon.control_plane.reaped == 1
+
+
+@pytest.mark.parametrize("status", [S.PENDING, S.COMPLETED, S.CANCELLED])
+async def test_lease_loss_of_idle_or_finished_task_is_left_alone(
+    etcd: EtcdProcess, store: Store, client: EtcdClient, status: TaskStatus
+) -> None:
+    async with open_daemon(make_config(etcd.endpoints, roles=CP_ONLY)) as daemon:
+        await setup_task(store, client, "sn-001", status)
+        await client.delete(schema.lease_key(IDC, "sn-001"))
+        before = await keyspace(client)
+        await trio.sleep(1.2)
+        assert await keyspace(client) == before
+        assert daemon.control_plane is not None and daemon.control_plane.reaped == 0
+
+
+async def test_deleted_task_is_not_resurrected(
+    etcd: EtcdProcess, store: Store, client: EtcdClient
+) -> None:
+    async with open_daemon(make_config(etcd.endpoints, roles=CP_ONLY)) as daemon:
+        await setup_task(store, client, "sn-001", S.INSTALLING)
+        await store.cancel(IDC, "sn-001", actor="op")
+        await store.delete_task(IDC, "sn-001")  # lease key goes with the machine's keys
+        await trio.sleep(1.2)
+        keys = {k for k in await keyspace(client) if b"sn-001" in k}
+        assert keys == set()
+        assert daemon.control_plane is not None and daemon.control_plane.reaped == 0
+
+
+async def test_delete_lost_to_compaction_is_still_reaped(private_etcd: EtcdProcess) -> None:
+    """The control plane's connection is cut while the lease key is deleted and the
+    history compacted; when it reconnects the watch cannot replay the delete, and the
+    relist diff must still fail the task."""
+    async with (
+        open_client(private_etcd.endpoints) as client,
+        open_proxy(private_etcd.client_port) as proxy,
+    ):
+        store = Store(client)
+        config = make_config([proxy.endpoint], roles=CP_ONLY, request_timeout=2)
+        async with open_daemon(config) as daemon:
+            cp = daemon.control_plane
+            assert cp is not None
+            await setup_task(store, client, "sn-001", S.INSTALLING)
+            view = cp.view
+            assert view is not None
+            with trio.fail_after(5):
+                while view.get(schema.lease_key(IDC, "sn-001")) is None:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            relists = view.relists
+
+            proxy.cut()
+            r = await client.delete(schema.lease_key(IDC, "sn-001"))
+            await client.put("/unrelated", "bump")
+            await client.compact(r.revision + 1)
+            await trio.sleep(0.5)
+            assert (await store.get_task(IDC, "sn-001")).task.status is S.INSTALLING
+            proxy.heal()
+
+            await wait_status(store, "sn-001", S.FAILED, timeout=10)
+            assert cp.view is view, "the session survived the short cut"
+            assert view.relists == relists + 1
+            task = (await store.get_task(IDC, "sn-001")).task
+            assert task.error == HEARTBEAT_LOST
+
+
+async def test_installing_task_without_lease_at_start_is_reaped(
+    etcd: EtcdProcess, store: Store, client: EtcdClient
+) -> None:
+    """The delete happened while no control plane was running."""
+    await setup_task(store, client, "sn-001", S.INSTALLING)
+    await client.delete(schema.lease_key(IDC, "sn-001"))
+    async with open_daemon(make_config(etcd.endpoints, roles=CP_ONLY)):
+        await wait_status(store, "sn-001", S.FAILED)

@@ -1,0 +1,196 @@
+"""The regional role: its session lease, the cleanup when it is lost, lease re-attachment.
+
+Session loss is made real twice: the session lease is revoked from outside (its id is in
+the session key), and etcd is frozen (SIGSTOP) for longer than the session TTL. Either way
+the session's nursery must be cancelled — nothing of the old session left running —
+the agent API must answer 503 meanwhile, and the role must come back with a fresh lease.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import trio
+from provisioning_kit import GUIDE_TASK, HARDWARE, make_config, open_daemon, wait_for
+
+from lpmosd import schema
+from lpmosd.config import ROLE_REGIONAL
+from lpmosd.daemon import Daemon
+from lpmosd.etcd import EtcdClient, open_client
+from lpmosd.etcd_process import EtcdProcess
+from lpmosd.models import CreateTaskRequest
+from lpmosd.roles.regional import Regional, session_key
+from lpmosd.store import Store
+from lpmosd.view import PrefixView
+
+RG_ONLY = frozenset({ROLE_REGIONAL})
+SN, MAC = "sn-001", "00:1a:2b:3c:4d:5e"
+
+
+def walk_tasks(task: trio.lowlevel.Task | None = None) -> Iterator[trio.lowlevel.Task]:
+    """Every live Trio task of the run."""
+    task = task or trio.lowlevel.current_root_task()
+    assert task is not None
+    yield task
+    for nursery in task.child_nurseries:
+        for child in nursery.child_tasks:
+            yield from walk_tasks(child)
+
+
+def tasks_running_for(obj: object) -> list[trio.lowlevel.Task]:
+    """Live tasks whose outermost coroutine is a method of ``obj`` (e.g. ``view.run``)."""
+    found = []
+    for task in walk_tasks():
+        frame = getattr(task.coro, "cr_frame", None)
+        if frame is not None and frame.f_locals.get("self") is obj:
+            found.append(task)
+    return found
+
+
+def regional(daemon: Daemon) -> Regional:
+    assert daemon.regional is not None
+    return daemon.regional
+
+
+async def create_and_register(store: Store, url: str) -> None:
+    await store.create_task(CreateTaskRequest.from_obj(GUIDE_TASK), actor="test")
+    async with httpx.AsyncClient(base_url=url) as http:
+        r = await http.post(
+            "/api/v1/agent/register", json={"sn": SN, "mac": MAC, "hardware": HARDWARE}
+        )
+        assert r.status_code == 200, r.text
+
+
+async def test_revoked_session_lease_restarts_the_role_cleanly(
+    etcd: EtcdProcess, store: Store, client: EtcdClient
+) -> None:
+    config = make_config(etcd.endpoints, roles=RG_ONLY, session_ttl=3)
+    async with open_daemon(config) as daemon:
+        rg = regional(daemon)
+        await create_and_register(store, rg.url)
+        old_lease = rg.session.lease
+        old_views: list[PrefixView] = [v for v in (rg.servers, rg.machines) if v is not None]
+        assert old_lease is not None and len(old_views) == 2
+        assert all(tasks_running_for(v) for v in old_views), "views run in the session"
+        kv = await client.get(session_key("dc1"))
+        assert kv is not None and kv.lease == old_lease.id
+
+        await client.lease_revoke(kv.lease)
+
+        await wait_for(lambda: rg.session.restarts == 1 and rg.session.running, what="restart")
+        new_lease = rg.session.lease
+        assert new_lease is not None and new_lease.id != old_lease.id
+        kv = await client.get(session_key("dc1"))
+        assert kv is not None and kv.lease == new_lease.id
+        assert rg.machines is not None and rg.machines not in old_views
+        for view in old_views:
+            assert tasks_running_for(view) == [], "a task of the old session survived"
+        await wait_for(lambda: rg.machines is not None and rg.machines.synced.is_set())
+
+        # The old views are dead: writes reach only the new ones.
+        frozen = [(v.revision, dict(v.items)) for v in old_views]
+        await store.append_logs("dc1", SN, ["after the restart"])
+        await store.create_task(
+            CreateTaskRequest.from_obj({**GUIDE_TASK, "sn": "sn-002"}), actor="test"
+        )
+        new = rg.machines
+        await wait_for(
+            lambda: new.get(schema.task_key("dc1", "sn-002")) is not None, what="new view"
+        )
+        await trio.sleep(0.1)
+        assert [(v.revision, dict(v.items)) for v in old_views] == frozen
+
+        # And the agent API serves again, with the agent's own lease untouched.
+        async with httpx.AsyncClient(base_url=rg.url) as http:
+            r = await http.post(f"/api/v1/agent/{SN}/heartbeat")
+            assert r.status_code == 200, r.text
+            assert r.json()["lease_ttl"] > 0
+            assert (await http.get("/readyz")).status_code == 200
+
+
+async def test_frozen_etcd_expires_session_503_then_recovers(
+    private_etcd: EtcdProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGSTOP etcd past the session TTL: the lease is lost, the API says 503, and after
+    SIGCONT the role restarts with a new lease and serves again."""
+    caplog.set_level(logging.INFO, "lpmosd")
+    config = make_config(private_etcd.endpoints, roles=RG_ONLY, session_ttl=3, request_timeout=3)
+    async with open_client(private_etcd.endpoints) as client, open_daemon(config) as daemon:
+        rg = regional(daemon)
+        store = Store(client)
+        await create_and_register(store, rg.url)
+        old_lease = rg.session.lease
+        old_machines = rg.machines
+        assert old_lease is not None and old_machines is not None
+
+        async with httpx.AsyncClient(base_url=rg.url, timeout=5) as http:
+            await private_etcd.apause()
+            try:
+                # Keepalives go unanswered; past TTL - margin the role gives the lease up.
+                with trio.fail_after(6):
+                    while rg.session.running:  # noqa: ASYNC110 - watching in-process state
+                        await trio.sleep(0.05)
+                r = await http.get(f"/api/v1/agent/{SN}/task")
+                assert r.status_code == 503, r.text
+                assert "error" in r.json()
+                r = await http.post(
+                    f"/api/v1/agent/{SN}/progress", json={"step": "partitioning", "percent": 1}
+                )
+                assert r.status_code == 503, r.text
+                assert (await http.get("/readyz")).status_code == 503
+                assert (await http.get("/healthz")).status_code == 200
+                await trio.sleep(1.5)  # well past the session TTL
+            finally:
+                await private_etcd.aresume()
+
+            await wait_for(
+                lambda: rg.session.running, timeout=15, what="session back after SIGCONT"
+            )
+            assert rg.session.restarts == 1
+            new_lease = rg.session.lease
+            assert new_lease is not None and new_lease.id != old_lease.id
+            assert tasks_running_for(old_machines) == []
+            # etcd expired the old lease; the session key rides on the new one.
+            assert await client.lease_time_to_live(old_lease.id) is None
+            kv = await client.get(session_key("dc1"))
+            assert kv is not None and kv.lease == new_lease.id
+            r = await http.get(f"/api/v1/agent/{SN}/task")
+            assert r.status_code == 200, r.text
+            assert r.json()["task"]["status"] == "pending"
+    assert "session lease lost" in caplog.text
+
+
+async def test_restarted_regional_reattaches_to_live_agent_leases(
+    etcd: EtcdProcess, store: Store, client: EtcdClient
+) -> None:
+    config = make_config(etcd.endpoints, roles=RG_ONLY)
+    async with open_daemon(config) as daemon:
+        await create_and_register(store, regional(daemon).url)
+    lease_id = await store.get_lease_id("dc1", SN)
+    assert lease_id is not None
+    before = await client.lease_time_to_live(lease_id)
+    assert before is not None
+    async with open_daemon(config) as daemon, httpx.AsyncClient() as http:
+        url = regional(daemon).url
+        r = await http.post(f"{url}/api/v1/agent/{SN}/heartbeat")
+        assert r.status_code == 200, r.text
+        assert r.json()["lease_ttl"] == config.regional.agent_lease_ttl  # type: ignore[union-attr]
+    assert await store.get_lease_id("dc1", SN) == lease_id
+
+
+async def test_new_servers_are_logged_like_the_guide(
+    etcd: EtcdProcess, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "lpmosd.regional")
+    async with open_daemon(make_config(etcd.endpoints, roles=RG_ONLY)) as daemon:
+        rg = regional(daemon)
+        await store.create_task(CreateTaskRequest.from_obj(GUIDE_TASK), actor="test")
+        other = CreateTaskRequest.from_obj({**GUIDE_TASK, "idc": "dc2", "sn": "sn-009"})
+        await store.create_task(other, actor="test")
+        await wait_for(lambda: "New server: sn-001" in caplog.text, what="log line")
+        assert rg.servers is not None
+        assert set(rg.servers.items) == {"/os/dc1/servers/sn-001"}, "only its own IDC"
+        assert "sn-009" not in caplog.text
