@@ -10,6 +10,7 @@ as explicit deletions from the view's relist diff.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -43,6 +44,8 @@ class ControlPlane:
     session: SessionState = field(default_factory=lambda: SessionState("control-plane"))
     view: PrefixView | None = None
     reaped: int = 0
+    #: Called with each session's view once it has synced (the dashboard's hub follows it).
+    view_hooks: list[Callable[[PrefixView], None]] = field(default_factory=list)
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the API and keep the session (view + reaper) alive until cancelled."""
@@ -94,6 +97,8 @@ class ControlPlane:
             async with open_nursery() as nursery:
                 await nursery.start(view.run)
                 self.view = view
+                for hook in self.view_hooks:
+                    hook(view)
                 nursery.start_soon(self._reap, reap_recv)
                 self._reap_orphans(view, reap_send)
                 task_status.started()
