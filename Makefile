@@ -2,7 +2,7 @@
 # needed); these targets are shortcuts to them.
 # scripts/bootstrap installs what they need (apt packages, .venv) and is fast once done.
 
-.PHONY: bootstrap dev test check
+.PHONY: bootstrap dev test check deb
 
 bootstrap:
 	@./scripts/bootstrap
@@ -17,3 +17,7 @@ check: bootstrap
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
+
+# The Debian package, dist/lpmosd_<version>_<arch>.deb (see packaging/build-deb).
+deb:
+	./packaging/build-deb
