@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_migrate(sub)
     register_inspect(sub)
+
+    from lpmosd.bench import register as register_bench
+
+    register_bench(sub)
     return parser
 
 

@@ -1,0 +1,267 @@
+"""Simulated agents for the fleet benchmarks: the real agent's HTTP calls, cheaply.
+
+Thousands of agents share one load-generating process, so the HTTP client here is a
+minimal HTTP/1.1 keep-alive client on Trio sockets (one connection per agent, like real
+agents), not httpx: the load generator must cost far less CPU than what it measures.
+Each agent makes the calls :mod:`lpmosd.agent` makes: ``register`` (with the enrolment
+secret and bearer token when the API hands them out), ``progress`` per step,
+``heartbeat`` every interval, ``complete``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+HARDWARE: dict[str, Any] = {
+    "cpu_model": "Intel(R) Xeon(R) Gold 6330 CPU @ 2.00GHz",
+    "cpu_cores": 28,
+    "memory_bytes": 256 * 1024**3,
+    "disks": [
+        {"name": "sda", "size_bytes": 960 * 10**9, "model": "SAMSUNG MZ7LH960", "rotational": False}
+    ],
+    "nics": [{"name": "eno1", "mac": "00:1a:2b:3c:4d:5e", "speed_mbps": 25000}],
+    "dmi": {"vendor": "Dell Inc.", "product": "PowerEdge R750", "serial": "SN001"},
+}
+
+API = "/api/v1/agent"
+
+
+class HttpError(Exception):
+    """The connection failed before a whole response arrived."""
+
+
+class HttpConn:
+    """One HTTP/1.1 keep-alive connection (reconnects when the server closed it)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self._stream: trio.SocketStream | None = None
+        self._buf = bytearray()
+
+    async def aclose(self) -> None:
+        """Close the connection."""
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _receive_some(self) -> None:
+        assert self._stream is not None
+        data = await self._stream.receive_some(65536)
+        if not data:
+            raise HttpError("connection closed by the server")
+        self._buf += data
+
+    async def _read_response(self) -> tuple[int, dict[str, str], bytes]:
+        while (end := self._buf.find(b"\r\n\r\n")) < 0:
+            await self._receive_some()
+        head = bytes(self._buf[:end]).decode("latin-1").split("\r\n")
+        del self._buf[: end + 4]
+        status = int(head[0].split(" ", 2)[1])
+        headers = {}
+        for line in head[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        while len(self._buf) < length:
+            await self._receive_some()
+        body = bytes(self._buf[:length])
+        del self._buf[:length]
+        return status, headers, body
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[int, bytes]:
+        """Send one request and read its response: ``(status, body)``.
+
+        A request on a keep-alive connection that the server had closed meanwhile is sent
+        once more on a fresh connection (only when no byte of a response had arrived).
+        """
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        data = body or b""
+        req = (
+            f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n{extra}\r\n"
+        ).encode("latin-1") + data
+        for attempt in (0, 1):
+            fresh = self._stream is None
+            if self._stream is None:
+                self._stream = await trio.open_tcp_stream(self.host, self.port)
+                self._buf.clear()
+            try:
+                await self._stream.send_all(req)
+                status, resp_headers, resp_body = await self._read_response()
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, HttpError) as exc:
+                partial = bool(self._buf)
+                await self.aclose()
+                if attempt == 0 and not fresh and not partial:
+                    continue
+                raise HttpError(f"{method} {path}: {exc}") from exc
+            if resp_headers.get("connection", "").lower() == "close":
+                await self.aclose()
+            return status, resp_body
+        raise AssertionError("unreachable")
+
+
+@dataclass(eq=False)
+class FleetStats:
+    """What every simulated agent records (shared: one object for the whole fleet)."""
+
+    #: (send time, latency) of each acknowledged progress report (perf_counter seconds).
+    progress: list[tuple[float, float]] = field(default_factory=list)
+    latencies: dict[str, list[float]] = field(default_factory=dict)
+    statuses: Counter[str] = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+    heartbeats: int = 0
+    #: sn -> wall-clock send time of the last heartbeat the regional acknowledged.
+    last_heartbeat: dict[str, float] = field(default_factory=dict)
+    completed: int = 0
+
+    def note(self, kind: str, status: int, latency: float) -> None:
+        """Count one answered request."""
+        self.statuses[f"{kind} {status}"] += 1
+        if 200 <= status < 300:
+            self.latencies.setdefault(kind, []).append(latency)
+
+
+@dataclass(eq=False)
+class SimAgent:
+    """One simulated agent, talking to the regional at ``host:port``."""
+
+    host: str
+    port: int
+    sn: str
+    mac: str
+    stats: FleetStats
+    enrollment_secret: str | None = None
+    token: str | None = None
+    heartbeat_interval: float = 10.0
+    conn: HttpConn = field(init=False)
+    _lock: trio.Lock = field(init=False, default_factory=trio.Lock)
+
+    def __post_init__(self) -> None:
+        self.conn = HttpConn(self.host, self.port)
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    async def call(
+        self, kind: str, path: str, body: Mapping[str, Any] | None, *, retries: int = 20
+    ) -> tuple[int, dict[str, Any]]:
+        """One API call (retried on 503 and connection failures, as the real agent does)."""
+        data = json.dumps(body, separators=(",", ":")).encode() if body is not None else b""
+        for attempt in range(retries):
+            t0 = time.perf_counter()
+            try:
+                async with self._lock:  # one HTTP/1.1 connection: one request at a time
+                    status, raw = await self.conn.request("POST", path, data, self._headers())
+            except HttpError as exc:
+                self.stats.errors.append(f"{kind}: {exc}")
+                await trio.sleep(min(1.0, 0.05 * 2**attempt))
+                continue
+            latency = time.perf_counter() - t0
+            self.stats.note(kind, status, latency)
+            if status in (429, 503) and attempt < retries - 1:
+                await trio.sleep(min(1.0, 0.05 * 2**attempt))
+                continue
+            try:
+                parsed = json.loads(raw) if raw else {}
+            except ValueError:
+                parsed = {}
+            return status, parsed if isinstance(parsed, dict) else {}
+        return 0, {}
+
+    async def register(self) -> bool:
+        """``POST /register``; keeps the agent token when one is handed out."""
+        body: dict[str, Any] = {"sn": self.sn, "mac": self.mac, "hardware": HARDWARE}
+        if self.enrollment_secret is not None:
+            body["enrollment_secret"] = self.enrollment_secret
+        status, reply = await self.call("register", f"{API}/register", body)
+        if status != 200:
+            self.stats.errors.append(f"register {self.sn}: {status} {reply}")
+            return False
+        token = reply.get("agent_token")
+        self.token = token if isinstance(token, str) else None
+        return True
+
+    async def heartbeat(self) -> bool:
+        """``POST /{sn}/heartbeat``; records its send time when acknowledged."""
+        sent = time.time()
+        status, _ = await self.call("heartbeat", f"{API}/{self.sn}/heartbeat", None, retries=1)
+        if status == 200:
+            self.stats.heartbeats += 1
+            self.stats.last_heartbeat[self.sn] = sent
+            return True
+        return False
+
+    async def heartbeat_loop(self, stop: trio.Event) -> None:
+        """Heartbeat every interval until ``stop`` is set."""
+        while not stop.is_set():
+            with trio.move_on_after(self.heartbeat_interval):
+                await stop.wait()
+            if not stop.is_set():
+                await self.heartbeat()
+
+    async def progress(self, step: str, percent: int, message: str) -> bool:
+        """``POST /{sn}/progress``; records the agent-seen latency."""
+        t0 = time.perf_counter()
+        status, reply = await self.call(
+            "progress",
+            f"{API}/{self.sn}/progress",
+            {"step": step, "percent": percent, "message": message},
+        )
+        if status != 200:
+            self.stats.errors.append(f"progress {self.sn} {step}: {status} {reply}")
+            return False
+        self.stats.progress.append((t0, time.perf_counter() - t0))
+        return True
+
+    async def complete(self) -> bool:
+        """``POST /{sn}/complete``."""
+        status, reply = await self.call("complete", f"{API}/{self.sn}/complete", None)
+        if status != 200:
+            self.stats.errors.append(f"complete {self.sn}: {status} {reply}")
+            return False
+        self.stats.completed += 1
+        return True
+
+    async def install(self, steps: int) -> None:
+        """The whole install: register, ``steps`` progress reports, complete; heartbeats."""
+        try:
+            if not await self.register():
+                return
+            stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.heartbeat_loop, stop)
+                try:
+                    for k in range(1, steps + 1):
+                        if not await self.progress(f"step{k:02d}", 100, f"step {k} of {steps}"):
+                            return
+                    await self.complete()
+                finally:
+                    stop.set()
+        finally:
+            await self.conn.aclose()
+
+
+def step_names(steps: int) -> list[str]:
+    """The step names :meth:`SimAgent.install` reports."""
+    return [f"step{k:02d}" for k in range(1, steps + 1)]
+
+
+def agent_mac(n: int) -> str:
+    """A unique MAC for agent number ``n``."""
+    h = f"02{n:010x}"
+    return ":".join(h[i : i + 2] for i in range(0, 12, 2))
