@@ -84,9 +84,7 @@ def make_config(
         roles=roles,
         log_format="text",
         etcd=EtcdConfig(endpoints=tuple(endpoints), request_timeout=request_timeout),
-        control_plane=ControlPlaneConfig(
-            listen="127.0.0.1", port=control_plane_port, tokens_file=None
-        )
+        control_plane=ControlPlaneConfig(listen="127.0.0.1", port=control_plane_port)
         if ROLE_CONTROL_PLANE in roles
         else None,
         regional=RegionalConfig(

@@ -401,9 +401,21 @@ async def test_agent_action_bad_bodies(world: World) -> None:
 async def test_chunked_oversized_body_is_413(world: World) -> None:
     """No Content-Length: the limit must hold while streaming, too."""
 
-    async def chunks() -> AsyncIterator[bytes]:
-        for _ in range(64):
-            yield b"x" * 65536
+    class Chunks:
+        """64 chunks of 64 KiB, streamed (an iterator object, not an async generator:
+        the server hangs up mid-body, and an unfinished generator would warn at GC)."""
+
+        def __init__(self) -> None:
+            self.left = 64
+
+        def __aiter__(self) -> Chunks:
+            return self
+
+        async def __anext__(self) -> bytes:
+            if not self.left:
+                raise StopAsyncIteration
+            self.left -= 1
+            return b"x" * 65536
 
     before = await keyspace(world.client)
     for http, path in (
@@ -411,7 +423,7 @@ async def test_chunked_oversized_body_is_413(world: World) -> None:
         (world.agent, "/api/v1/agent/register"),
         (world.agent, "/api/v1/agent/sn-001/progress"),
     ):
-        r = await http.post(path, content=chunks(), headers={"content-type": "application/json"})
+        r = await http.post(path, content=Chunks(), headers={"content-type": "application/json"})
         assert r.status_code == 413, (path, r.status_code, r.text)
         assert r.json()["field"] == "body"
     assert await keyspace(world.client) == before
