@@ -1,4 +1,4 @@
-"""Command-line entry point: ``lpmosd run | dev | check-config | agent``."""
+"""Command-line entry point: ``lpmosd run | dev | check-config | agent | token | …``."""
 
 from __future__ import annotations
 
@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     from lpmosd.bench import register as register_bench
 
     register_bench(sub)
+
+    from lpmosd.token_cli import register as register_token
+
+    register_token(sub)
     return parser
 
 

@@ -72,7 +72,6 @@ PLAN_PLACEHOLDERS: Final = frozenset(
 """Task fields a plan step's command may reference as ``{name}`` (``{{``/``}}`` for braces)."""
 
 _DEFAULT_ENDPOINTS: Final = ("http://127.0.0.1:2379",)
-_DEFAULT_TOKENS_FILE: Final = Path("/var/lib/lpmosd/tokens.json")
 _DEFAULT_MAX_BODY: Final = 1024 * 1024
 _MAX_BODY_RANGE: Final = (1024, 64 * 1024 * 1024)
 _DEFAULT_STEP_TIMEOUT: Final = 3600.0
@@ -135,16 +134,17 @@ class EtcdConfig:
 class ControlPlaneConfig:
     """``[control_plane]``: the API + dashboard listener.
 
-    ``tokens_file`` is where API tokens are stored (it may not exist yet); ``None`` means no
-    persistent token store (only :func:`dev_config` produces that).
+    API tokens live in etcd (``/lpmosd/tokens/``, see :mod:`lpmosd.tokens`), not in the
+    config. ``metrics_public`` serves ``/metrics`` without a token (an ops network scrapes
+    it); when false it needs a viewer token.
     """
 
     listen: str = "0.0.0.0"
     port: int = 8080
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
-    tokens_file: Path | None = _DEFAULT_TOKENS_FILE
     max_body_bytes: int = _DEFAULT_MAX_BODY
+    metrics_public: bool = True
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -218,6 +218,9 @@ class RegionalConfig:
     max_body_bytes: int = _DEFAULT_MAX_BODY
     rate_limit_per_second: float = 50.0
     rate_limit_burst: int = 100
+    #: Serve ``/metrics`` on the agent port; the regional holds no operator tokens, so the
+    #: only choice is open (default) or not served (404).
+    metrics_public: bool = True
     plans: Mapping[str, Plan] = field(default_factory=_default_plans)
 
     def plan_for(self, os_type: str) -> Plan | None:
@@ -376,11 +379,10 @@ def dev_config(
         log_format="text",  # a developer reads these in a terminal
         shutdown_timeout=5.0,
         etcd=EtcdConfig(endpoints=endpoints),
-        # Loopback only: dev mode has no TLS and no token store, so it must not face a network.
+        # Loopback only: dev mode has no TLS, so it must not face a network.
         control_plane=ControlPlaneConfig(
             listen="127.0.0.1",
             port=_integer(control_plane_port, "control_plane.port", 1, 65535),
-            tokens_file=None,
         ),
         regional=RegionalConfig(
             idc=_idc(idc, "regional.idc"),
@@ -448,23 +450,20 @@ def _parse_control_plane(value: object, path: str, base: Path) -> ControlPlaneCo
     sec = _Section(
         value,
         path,
-        ("listen", "port", "tls_cert_file", "tls_key_file", "tokens_file", "max_body_bytes"),
+        ("listen", "port", "tls_cert_file", "tls_key_file", "max_body_bytes", "metrics_public"),
     )
     cert, key = _listener_tls(sec, base)
-    tokens_file = _DEFAULT_TOKENS_FILE
-    if "tokens_file" in sec:
-        tokens_file = _writable_path(sec.get("tokens_file"), sec.key("tokens_file"), base)
     return ControlPlaneConfig(
         listen=_host(sec.get("listen", "0.0.0.0"), sec.key("listen")),
         port=_integer(sec.get("port", 8080), sec.key("port"), 1, 65535),
         tls_cert_file=cert,
         tls_key_file=key,
-        tokens_file=tokens_file,
         max_body_bytes=_integer(
             sec.get("max_body_bytes", _DEFAULT_MAX_BODY),
             sec.key("max_body_bytes"),
             *_MAX_BODY_RANGE,
         ),
+        metrics_public=_boolean(sec.get("metrics_public", True), sec.key("metrics_public")),
     )
 
 
@@ -484,6 +483,7 @@ def _parse_regional(value: object, path: str, base: Path) -> RegionalConfig:
             "max_body_bytes",
             "rate_limit_per_second",
             "rate_limit_burst",
+            "metrics_public",
             "plans",
         ),
     )
@@ -527,6 +527,7 @@ def _parse_regional(value: object, path: str, base: Path) -> RegionalConfig:
         rate_limit_burst=_integer(
             sec.get("rate_limit_burst", 100), sec.key("rate_limit_burst"), 1, 1_000_000
         ),
+        metrics_public=_boolean(sec.get("metrics_public", True), sec.key("metrics_public")),
         plans=plans,
     )
 
@@ -702,6 +703,12 @@ def _choice(value: object, path: str, choices: Sequence[str]) -> str:
     return value
 
 
+def _boolean(value: object, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(path, "must be true or false")
+    return value
+
+
 def _integer(value: object, path: str, lo: int, hi: int) -> int:
     # bool is an int subclass; `port = true` is a mistake, not 1.
     if isinstance(value, bool) or not isinstance(value, int):
@@ -817,13 +824,6 @@ def _readable_file(value: object, path: str, base: Path, *, secret: bool) -> Pat
             pass
     except OSError as exc:
         raise ConfigError(path, f"{file}: cannot read: {exc.strerror or exc}") from exc
-    return file
-
-
-def _writable_path(value: object, path: str, base: Path) -> Path:
-    file = _resolve(value, path, base)
-    if file.is_dir():
-        raise ConfigError(path, f"{file}: is a directory")
     return file
 
 

@@ -6,6 +6,10 @@
     /os/{idc}/machines/{sn}/task    Task JSON (task, progress, logs, approval merged)
     /os/{idc}/machines/{sn}/meta    MachineMeta JSON (hardware facts)
     /os/{idc}/machines/{sn}/lease   "lease-<id>", attached to the agent's lease
+    /os/{idc}/machines/{sn}/enrolment    the task's enrolment secret, hashed
+    /os/{idc}/machines/{sn}/agent-token  the enrolled agent's bearer token, hashed
+
+(The last two: see :mod:`lpmosd.credentials`.)
 
 Every builder validates its parts, so no caller can make a key that escapes its prefix
 (``..``, ``/``, NUL, look-alike characters are all refused). :func:`parse_key` is the inverse
@@ -25,6 +29,8 @@ __all__ = [
     "ROOT",
     "KeyKind",
     "ParsedKey",
+    "agent_token_key",
+    "enrolment_key",
     "idc_prefix",
     "lease_key",
     "machine_prefix",
@@ -54,8 +60,16 @@ _MAC_RES: Final = (
     re.compile(r"[0-9A-Fa-f]{12}", re.ASCII),
 )
 
-KeyKind = Literal["server", "task", "meta", "lease"]
-_MACHINE_KINDS: Final[frozenset[str]] = frozenset({"task", "meta", "lease"})
+KeyKind = Literal["server", "task", "meta", "lease", "enrolment", "agent_token"]
+#: Key name under a machine's prefix -> its kind ("agent-token" reads better in etcdctl
+#: output; the kind is a Python-friendly identifier).
+_MACHINE_KINDS: Final[dict[str, KeyKind]] = {
+    "task": "task",
+    "meta": "meta",
+    "lease": "lease",
+    "enrolment": "enrolment",
+    "agent-token": "agent_token",
+}
 
 
 def _validate_name(value: object, field: str) -> str:
@@ -138,6 +152,16 @@ def lease_key(idc: str, sn: str) -> str:
     return f"{machine_prefix(idc, sn)}lease"
 
 
+def enrolment_key(idc: str, sn: str) -> str:
+    """``/os/{idc}/machines/{sn}/enrolment``: the task's one-time enrolment secret, hashed."""
+    return f"{machine_prefix(idc, sn)}enrolment"
+
+
+def agent_token_key(idc: str, sn: str) -> str:
+    """``/os/{idc}/machines/{sn}/agent-token``: the enrolled agent's bearer token, hashed."""
+    return f"{machine_prefix(idc, sn)}agent-token"
+
+
 @dataclass(frozen=True, slots=True)
 class ParsedKey:
     """A key of the v3 layout, taken apart."""
@@ -165,7 +189,7 @@ def parse_key(key: str | bytes) -> ParsedKey | None:
         kind: KeyKind = "server"
     elif len(parts) == 4 and parts[1] == "machines" and parts[3] in _MACHINE_KINDS:
         idc, _, sn, raw_kind = parts
-        kind = "task" if raw_kind == "task" else "meta" if raw_kind == "meta" else "lease"
+        kind = _MACHINE_KINDS[raw_kind]
     else:
         return None
     if NAME_RE.fullmatch(idc) is None or NAME_RE.fullmatch(sn) is None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from lpmosd import models, schema
+from lpmosd.credentials import Enrolment
 from lpmosd.errors import ConflictError, InputError, NotFoundError
 from lpmosd.etcd import (
     Compare,
@@ -32,6 +33,9 @@ from lpmosd.models import (
     Task,
     TaskStatus,
 )
+
+#: Statuses in which a task accepts its agent's credentials (enrolment secret, agent token).
+LIVE: frozenset[TaskStatus] = frozenset(TaskStatus) - TERMINAL
 
 HARDWARE_STEP = "hardware_collect"
 
@@ -135,20 +139,27 @@ class Store:
 
     # --- writes ------------------------------------------------------------------------
 
-    async def create_task(self, req: CreateTaskRequest, *, actor: str) -> Task:
+    async def create_task(
+        self, req: CreateTaskRequest, *, actor: str, enrolment: Enrolment | None = None
+    ) -> Task:
         """Create the server entry and the task in one Txn guarded on their absence.
 
         A terminal task of the same server may be replaced (re-provisioning); a live one
-        makes this a ConflictError.
+        makes this a ConflictError. ``enrolment`` (see :meth:`create_enrolled_task`) is
+        written in the same Txn; its ``task_id`` is set here.
         """
         server_key = schema.server_key(req.idc, req.sn)
         task_key = schema.task_key(req.idc, req.sn)
+        enrolment_key = schema.enrolment_key(req.idc, req.sn)
         now = self.clock()
         task = models.new_task(req, task_id=new_task_id(), now=now, actor=actor)
         ops: list[Op] = [
             put(server_key, ServerEntry.for_task(task).to_json()),
             put(task_key, task.to_json()),
         ]
+        if enrolment is not None:
+            enrolment = replace(enrolment, task_id=task.task_id, mac=task.mac)
+            ops.append(put(enrolment_key, enrolment.to_json()))
         r = await self.client.txn([Compare.absent(task_key), Compare.absent(server_key)], ops, [])
         if r.succeeded:
             return task
@@ -165,17 +176,16 @@ class Store:
         else:
             guard = Compare.absent(task_key)
         # Replace a finished task (or a stray server entry without a task): clear the
-        # machine's old meta and lease along with it, all in one Txn. Key by key: etcd
-        # refuses a Txn whose delete range overlaps one of its puts (the task key).
-        r = await self.client.txn(
-            [guard],
-            [
-                delete(schema.meta_key(req.idc, req.sn)),
-                delete(schema.lease_key(req.idc, req.sn)),
-                *ops,
-            ],
-            [],
-        )
+        # machine's old meta, lease and credentials along with it, all in one Txn. Key by
+        # key: etcd refuses a Txn whose delete range overlaps one of its puts (the task key).
+        clear = [
+            delete(schema.meta_key(req.idc, req.sn)),
+            delete(schema.lease_key(req.idc, req.sn)),
+            delete(schema.agent_token_key(req.idc, req.sn)),
+        ]
+        if enrolment is None:
+            clear.append(delete(enrolment_key))
+        r = await self.client.txn([guard], [*clear, *ops], [])
         if not r.succeeded:
             raise ConflictError(f"server {req.sn} in {req.idc} changed concurrently", field="sn")
         return task
@@ -244,8 +254,14 @@ class Store:
         )
         return stored.task
 
-    async def retry(self, idc: str, sn: str, *, actor: str) -> Task:
-        """failed → approved, resuming from the step that failed."""
+    async def retry(
+        self, idc: str, sn: str, *, actor: str, enrolment: Enrolment | None = None
+    ) -> Task:
+        """failed → approved, resuming from the step that failed.
+
+        ``enrolment`` (see :meth:`retry_enrolled`) replaces the task's enrolment secret in
+        the same Txn.
+        """
         now = self.clock()
 
         def fn(t: Task) -> Task:
@@ -258,8 +274,56 @@ class Store:
                 )
             return models.retry(t, now=now, actor=actor)
 
-        stored = await self.update_task(idc, sn, fn)
+        def also(t: Task) -> Sequence[Op]:
+            # The failed attempt's agent token must not come back to life with the task:
+            # the retried install enrols afresh.
+            ops: list[Op] = [delete(schema.agent_token_key(idc, sn))]
+            if enrolment is not None:
+                fresh = replace(enrolment, task_id=t.task_id, mac=t.mac)
+                ops.append(put(schema.enrolment_key(idc, sn), fresh.to_json()))
+            return ops
+
+        stored = await self.update_task(idc, sn, fn, also=also)
         return stored.task
+
+    # --- agent credentials (issued by the control plane) --------------------------------
+
+    async def create_enrolled_task(self, req: CreateTaskRequest, *, actor: str) -> tuple[Task, str]:
+        """:meth:`create_task` with a fresh enrolment secret; returns the task and the secret
+        (to hand to the operator once, for the machine's boot parameters)."""
+        enrolment, secret = Enrolment.issue(task_id="", mac="", actor=actor, now=self.clock())
+        task = await self.create_task(req, actor=actor, enrolment=enrolment)
+        return task, secret
+
+    async def retry_enrolled(self, idc: str, sn: str, *, actor: str) -> tuple[Task, str]:
+        """:meth:`retry` with a fresh enrolment secret (the old one stops working)."""
+        enrolment, secret = Enrolment.issue(task_id="", mac="", actor=actor, now=self.clock())
+        task = await self.retry(idc, sn, actor=actor, enrolment=enrolment)
+        return task, secret
+
+    async def reissue_enrolment(self, idc: str, sn: str, *, actor: str) -> tuple[Task, str]:
+        """A new enrolment secret for a live task (lost secret, regenerated PXE config,
+        tasks created before enrolment existed). The old secret stops working; an agent
+        that already enrolled keeps its token."""
+        stored = await self.get_task(idc, sn)
+        task = stored.task
+        if task.status not in LIVE:
+            raise ConflictError(
+                f"task of {sn} is {task.status}; enrolment secrets are issued for live tasks "
+                "only (retry a failed task instead)",
+                field="status",
+            )
+        enrolment, secret = Enrolment.issue(
+            task_id=task.task_id, mac=task.mac, actor=actor, now=self.clock()
+        )
+        r = await self.client.txn(
+            [Compare.mod_revision(schema.task_key(idc, sn), "==", stored.mod_revision)],
+            [put(schema.enrolment_key(idc, sn), enrolment.to_json())],
+            [],
+        )
+        if not r.succeeded:
+            raise ConflictError(f"task of {sn} changed concurrently; try again", field="sn")
+        return task, secret
 
     async def fail(
         self,
@@ -319,8 +383,14 @@ class Store:
         meta: MachineMeta,
         lease_id: int,
         current: KeyValue | None = None,
+        credentials: Sequence[Op] = (),
+        guards: Sequence[Compare] = (),
     ) -> StoredTask:
-        """Record the agent's hardware and bind its lease key, with the task, in one Txn."""
+        """Record the agent's hardware and bind its lease key, with the task, in one Txn.
+
+        ``credentials`` (the agent token and the used enrolment) go in the same Txn,
+        ``guards`` (the enrolment unchanged since it was checked) guard it.
+        """
         now = self.clock()
 
         def fn(t: Task) -> Task:
@@ -340,7 +410,9 @@ class Store:
             also=lambda t: (
                 put(schema.meta_key(idc, sn), meta.to_json()),
                 put(schema.lease_key(idc, sn), lease_value(lease_id), lease=lease_id),
+                *credentials,
             ),
+            guards=guards,
         )
 
     async def record_progress(

@@ -9,8 +9,10 @@ import contextlib
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
+import httpx
 import trio
 
 from lpmosd.config import (
@@ -22,7 +24,9 @@ from lpmosd.config import (
     RegionalConfig,
 )
 from lpmosd.daemon import Daemon, run_daemon
-from lpmosd.etcd import EtcdClient
+from lpmosd.etcd import EtcdClient, open_client
+from lpmosd.store import Store
+from lpmosd.tokens import Role, TokenStore
 
 #: The guide's curl body, verbatim.
 GUIDE_TASK: dict[str, Any] = {
@@ -78,8 +82,14 @@ def make_config(
     heartbeat_interval: int = 10,
     session_ttl: int = 10,
     request_timeout: float = 10.0,
+    rate_limit_per_second: float = 100_000.0,
+    rate_limit_burst: int = 100_000,
 ) -> Config:
-    """A loopback config like ``dev_config`` but with any port (0: ephemeral) and TTLs."""
+    """A loopback config like ``dev_config`` but with any port (0: ephemeral) and TTLs.
+
+    Every test client comes from 127.0.0.1, so the agent API's per-IP rate limit is lifted
+    unless a test asks for one.
+    """
     return Config(
         roles=roles,
         log_format="text",
@@ -94,6 +104,8 @@ def make_config(
             agent_lease_ttl=agent_lease_ttl,
             heartbeat_interval=heartbeat_interval,
             session_ttl=session_ttl,
+            rate_limit_per_second=rate_limit_per_second,
+            rate_limit_burst=rate_limit_burst,
         )
         if ROLE_REGIONAL in roles
         else None,
@@ -208,3 +220,72 @@ async def open_proxy(target_port: int) -> AsyncIterator[TcpProxy]:
             yield proxy
         finally:
             nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------ authentication
+
+
+async def create_token(
+    client: EtcdClient,
+    role: Role = Role.ADMIN,
+    name: str | None = None,
+    *,
+    expires_in: timedelta | None = None,
+) -> str:
+    """A fresh operator API token (named ``test-<role>`` unless ``name`` is given)."""
+    _, token = await TokenStore(client).create(
+        name or f"test-{role.label}",
+        role,
+        actor="test",
+        expires_in=expires_in,
+        replace_active=True,
+    )
+    return token
+
+
+def bearer(token: str) -> dict[str, str]:
+    """The ``Authorization`` header of a bearer token."""
+    return {"Authorization": f"Bearer {token}"}
+
+
+@contextlib.asynccontextmanager
+async def open_control_api(
+    daemon: Daemon, role: Role = Role.ADMIN, name: str | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of the daemon's control plane, authenticated with a fresh token."""
+    # A client of our own: the daemon's may live in another task's trio-asyncio loop.
+    async with open_client(daemon.client.endpoints) as client:
+        token = await create_token(client, role, name)
+    async with httpx.AsyncClient(
+        base_url=daemon.urls["control-plane"], headers=bearer(token)
+    ) as http:
+        yield http
+
+
+async def enrol(client: EtcdClient, idc: str, sn: str) -> str:
+    """A fresh enrolment secret for the live task of ``sn`` (as ``POST …/enrollment``)."""
+    _, secret = await Store(client).reissue_enrolment(idc, sn, actor="test")
+    return secret
+
+
+async def register_agent(
+    http: httpx.AsyncClient,
+    *,
+    sn: str,
+    mac: str,
+    secret: str,
+    hardware: dict[str, Any] | None = None,
+) -> tuple[httpx.Response, dict[str, str]]:
+    """``POST /api/v1/agent/register``; returns the answer and the bearer header of the
+    agent token it issued (empty when refused)."""
+    r = await http.post(
+        "/api/v1/agent/register",
+        json={
+            "sn": sn,
+            "mac": mac,
+            "hardware": HARDWARE if hardware is None else hardware,
+            "enrollment_secret": secret,
+        },
+    )
+    token = r.json().get("agent_token") if r.status_code == 200 else None
+    return r, bearer(token) if token else {}

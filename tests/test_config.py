@@ -93,8 +93,8 @@ def test_control_plane_defaults() -> None:
         port=8080,
         tls_cert_file=None,
         tls_key_file=None,
-        tokens_file=Path("/var/lib/lpmosd/tokens.json"),
         max_body_bytes=1048576,
+        metrics_public=True,
     )
     assert error('roles = ["control-plane"]') == (
         "control_plane: section required by role 'control-plane'"
@@ -125,8 +125,8 @@ def test_full_example_values() -> None:
         [control_plane]
         listen = "127.0.0.1"
         port = 9000
-        tokens_file = "/tmp/tok.json"
         max_body_bytes = 2048
+        metrics_public = false
         [regional]
         idc = "DC-1.a_b"
         listen = "::"
@@ -137,6 +137,7 @@ def test_full_example_values() -> None:
         max_body_bytes = 4096
         rate_limit_per_second = 0.5
         rate_limit_burst = 1
+        metrics_public = false
         """
     )
     assert config.log_level == "debug" and config.log_format == "text"
@@ -145,13 +146,14 @@ def test_full_example_values() -> None:
     assert (config.etcd.dial_timeout, config.etcd.request_timeout) == (1.5, 3.0)
     assert config.etcd.keepalive_interval == 5.0
     assert config.control_plane == ControlPlaneConfig(
-        listen="127.0.0.1", port=9000, tokens_file=Path("/tmp/tok.json"), max_body_bytes=2048
+        listen="127.0.0.1", port=9000, max_body_bytes=2048, metrics_public=False
     )
     rg = config.regional
     assert rg is not None
     assert (rg.idc, rg.listen, rg.port) == ("DC-1.a_b", "::", 9001)
     assert (rg.agent_lease_ttl, rg.session_ttl, rg.heartbeat_interval) == (600, 120, 299)
     assert (rg.rate_limit_per_second, rg.rate_limit_burst, rg.max_body_bytes) == (0.5, 1, 4096)
+    assert rg.metrics_public is False
 
 
 def test_config_is_frozen() -> None:
@@ -298,8 +300,11 @@ def test_config_is_frozen() -> None:
             CONTROL_PLANE + "max_body_bytes = 0\n",
             "control_plane.max_body_bytes: must be 1024..67108864",
         ),
-        (CONTROL_PLANE + 'tokens_file = ""\n', "control_plane.tokens_file: must not be empty"),
-        (CONTROL_PLANE + "tokens_file = 5\n", "control_plane.tokens_file: must be a string"),
+        (
+            CONTROL_PLANE + "metrics_public = 1\n",
+            "control_plane.metrics_public: must be true or false",
+        ),
+        (REGIONAL + 'metrics_public = "no"\n', "regional.metrics_public: must be true or false"),
         ('roles = ["control-plane"]\ncontrol_plane = 1\n', "control_plane: must be a table"),
     ],
 )
@@ -332,8 +337,8 @@ def test_error_carries_path_and_message() -> None:
             "etcd.auth.password: unknown key (did you mean 'password_file'?)",
         ),
         (
-            CONTROL_PLANE + "tokens = 1\n",
-            "control_plane.tokens: unknown key (did you mean 'tokens_file'?)",
+            CONTROL_PLANE + "metric_public = 1\n",
+            "control_plane.metric_public: unknown key (did you mean 'metrics_public'?)",
         ),
         (REGIONAL + "api_port = 1\n", "regional.api_port: unknown key (did you mean 'port'?)"),
         (
@@ -427,57 +432,41 @@ def test_relative_paths_resolved_against_config_dir(tmp_path: Path) -> None:
     conf_dir = tmp_path / "etc"
     (conf_dir / "tls").mkdir(parents=True)
     (conf_dir / "tls" / "ca.pem").write_text("ca")
+    (conf_dir / "tls" / "cp.pem").write_text("cert")
+    secret_file(conf_dir / "tls" / "cp-key.pem")
     secret_file(conf_dir / "pw")
     (conf_dir / "lpmosd.toml").write_text(
         'roles = ["control-plane"]\n'
         '[etcd]\nendpoints = ["https://e:2379"]\n'
         '[etcd.tls]\nca_file = "tls/ca.pem"\n'
         '[etcd.auth]\nusername = "lpmosd"\npassword_file = "pw"\n'
-        '[control_plane]\ntokens_file = "state/tokens.json"\n'
+        '[control_plane]\ntls_cert_file = "tls/cp.pem"\ntls_key_file = "tls/cp-key.pem"\n'
     )
     config = load_config(conf_dir / "lpmosd.toml")
     assert config.etcd.tls == EtcdTLS(ca_file=conf_dir / "tls" / "ca.pem")
     assert config.etcd.auth == EtcdAuth(username="lpmosd", password_file=conf_dir / "pw")
     assert config.control_plane is not None
-    assert config.control_plane.tokens_file == conf_dir / "state" / "tokens.json"
-    # parse_config: relative to base_dir, absolute paths untouched.
-    data = tomllib.loads('roles = ["control-plane"]\n[control_plane]\ntokens_file = "t.json"\n')
+    assert config.control_plane.tls_cert_file == conf_dir / "tls" / "cp.pem"
+    assert config.control_plane.tls_key_file == conf_dir / "tls" / "cp-key.pem"
+    # parse_config: relative to base_dir.
+    data = tomllib.loads(
+        'roles = ["control-plane"]\n[control_plane]\n'
+        'tls_cert_file = "etc/tls/cp.pem"\ntls_key_file = "etc/tls/cp-key.pem"\n'
+    )
     config = parse_config(data, base_dir=tmp_path)
     assert config.control_plane is not None
-    assert config.control_plane.tokens_file == tmp_path / "t.json"
-    # tokens_file may not exist yet, but must not be a directory.
-    assert error(CONTROL_PLANE + 'tokens_file = "etc"\n', base_dir=tmp_path) == (
-        f"control_plane.tokens_file: {tmp_path / 'etc'}: is a directory"
-    )
+    assert config.control_plane.tls_cert_file == conf_dir / "tls" / "cp.pem"
 
 
 def test_relative_path_without_base_dir_uses_cwd(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    config = parse(CONTROL_PLANE + 'tokens_file = "t.json"\n')
+    (tmp_path / "c.pem").write_text("cert")
+    secret_file(tmp_path / "k.pem")
+    config = parse(CONTROL_PLANE + 'tls_cert_file = "c.pem"\ntls_key_file = "k.pem"\n')
     assert config.control_plane is not None
-    assert config.control_plane.tokens_file == tmp_path / "t.json"
-
-
-# --------------------------------------------------------------------------- secrets
-
-
-def test_password_read_lazily_and_never_in_repr(tmp_path: Path) -> None:
-    pw = secret_file(tmp_path / "pw", "hunter2-very-secret\n")
-    config = parse(f'[etcd.auth]\nusername = "lpmosd"\npassword_file = "{pw}"\n' + REGIONAL)
-    assert config.etcd.read_password() == "hunter2-very-secret"
-    for text in (repr(config), str(config), repr(config.etcd), str(config.etcd.auth)):
-        assert "hunter2" not in text
-    # Read at each call: a rotated password is picked up without a reload.
-    secret_file(pw, "rotated\r\n")
-    assert config.etcd.read_password() == "rotated"
-    secret_file(pw, "two newlines\n\n")
-    assert config.etcd.read_password() == "two newlines\n"
-    pw.unlink()
-    with pytest.raises(ConfigError, match=r"^etcd\.auth\.password_file: .*No such file"):
-        config.etcd.read_password()
-
+    assert config.control_plane.tls_cert_file == tmp_path / "c.pem"
 
 def test_password_file_checked_at_load(tmp_path: Path) -> None:
     pw = secret_file(tmp_path / "pw", "\n")
@@ -799,7 +788,7 @@ def test_dev_config() -> None:
     assert config.etcd.tls is None and config.etcd.auth is None
     cp, rg = config.control_plane, config.regional
     assert cp is not None and rg is not None
-    assert (cp.listen, cp.port, cp.tokens_file) == ("127.0.0.1", 8080, None)
+    assert (cp.listen, cp.port, cp.metrics_public) == ("127.0.0.1", 8080, True)
     assert (rg.listen, rg.port, rg.idc) == ("127.0.0.1", 8081, "dc1")
     demo = rg.plan_for("demo")
     assert demo is not None
@@ -880,7 +869,7 @@ def test_shipped_config_commented_settings_are_valid(tmp_path: Path) -> None:
     assert config.etcd.read_password() == "pem-or-password"
     assert config.control_plane is not None
     assert config.control_plane.tls_cert_file == tmp_path / "control-plane.pem"
-    assert config.control_plane.tokens_file == Path("/var/lib/lpmosd/tokens.json")
+    assert config.control_plane.metrics_public is True
     assert config.regional is not None
     plan = config.regional.plan_for("Ubuntu 22.04")
     assert plan is not None and plan.steps[0].name == "partitioning"

@@ -13,7 +13,9 @@ treat progress as idempotent and a 409 on complete/fail as "look at the task" (s
 Authentication: when registration returns ``agent_token`` it is sent as a bearer token on
 every later call. A 401 on a later call means the regional no longer knows the token (it
 was re-enrolled or its token store was reset): the client registers again with the body it
-registered with, and repeats the call once.
+registered with, and repeats the call once. A 401 that names ``task_status`` means the token
+was revoked because the task ended (completed, failed or cancelled): that raises
+:class:`TaskEndedError` (a 409 to the rest of the agent: the task is no longer ours).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ __all__ = [
     "RegionalUnavailableError",
     "Registration",
     "RetryPolicy",
+    "TaskEndedError",
     "TaskReply",
     "TaskView",
     "parse_plan",
@@ -68,6 +71,17 @@ class AgentAPIError(LpmosdError):
 
 class RegionalUnavailableError(AgentAPIError):
     """The regional did not answer usefully within the retry budget of one call."""
+
+
+class TaskEndedError(AgentAPIError):
+    """The regional revoked our token because the task ended; ``task_status`` says how.
+
+    Its ``status`` is 409, like any other "the task is no longer ours" refusal.
+    """
+
+    def __init__(self, task_status: str, message: str) -> None:
+        super().__init__(409, message, "status")
+        self.task_status = task_status
 
 
 class PlanError(LpmosdError):
@@ -283,6 +297,16 @@ def _error_of(resp: httpx.Response) -> AgentAPIError:
     return AgentAPIError(resp.status_code, message, field_)
 
 
+def _ended_status(resp: httpx.Response) -> str | None:
+    """The ``task_status`` of a 401 for a token revoked because its task ended."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return None
+    status = body.get("task_status") if isinstance(body, dict) else None
+    return status if isinstance(status, str) and status else None
+
+
 def _retry_after(resp: httpx.Response) -> float | None:
     value = resp.headers.get("retry-after")
     try:
@@ -407,9 +431,13 @@ class AgentClient:
         for reauthed in (False, True):
             generation = self._token_generation
             resp = await self._send(method, path, body)
-            if resp.status_code == 401 and not reauthed and self._register_body is not None:
-                await self._reauthenticate(generation)
-                continue
+            if resp.status_code == 401:
+                ended = _ended_status(resp)
+                if ended is not None:
+                    raise TaskEndedError(ended, _error_of(resp).message)
+                if not reauthed and self._register_body is not None:
+                    await self._reauthenticate(generation)
+                    continue
             return self._json(resp)
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -33,6 +33,7 @@ from lpmosd.agent.client import (
     RegionalUnavailableError,
     Registration,
     RetryPolicy,
+    TaskEndedError,
     TaskReply,
 )
 from lpmosd.agent.facts import HardwareFacts, collect_facts
@@ -180,12 +181,18 @@ class _Agent:
         if error.status == 404:
             return _Stop(EXIT_CANCELLED, f"task is gone: {error.message}")
         try:
-            status = (await self.client.get_task()).task.status
+            status = await self._status_after(error)
         except AgentAPIError as exc:
             return _Stop(EXIT_CANCELLED, f"{error.message} (task unreadable: {exc.message})")
         if status == "failed":
             return _Stop(EXIT_FAILED, "the regional failed the task")
         return _Stop(EXIT_CANCELLED, f"task is {status or 'unknown'}: {error.message}")
+
+    async def _status_after(self, error: AgentAPIError) -> str:
+        """The task's status after a refusal: told by a revoked token, else asked for."""
+        if isinstance(error, TaskEndedError):
+            return error.task_status
+        return (await self.client.get_task()).task.status
 
     # ------------------------------------------------------------------ heartbeat
 
@@ -194,7 +201,7 @@ class _Agent:
         (e.g. the regional was down past the lease TTL while we waited for approval);
         otherwise the task ended without us and we stop."""
         try:
-            status = (await self.client.get_task()).task.status
+            status = await self._status_after(error)
         except AgentAPIError as exc:
             log.error("heartbeat refused", extra={"error": str(error), "task_error": str(exc)})
             return
@@ -291,7 +298,7 @@ class _Agent:
             if exc.status not in (404, 409):
                 raise
             try:
-                status = (await self.client.get_task()).task.status
+                status = await self._status_after(exc)
             except AgentAPIError:
                 status = ""
             # Our earlier attempt may have landed (its answer lost in a regional restart).

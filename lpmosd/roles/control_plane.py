@@ -23,6 +23,7 @@ from lpmosd.etcd import Compare, EtcdClient, HeldLease
 from lpmosd.models import ACTIVE_AGENT, Task, TaskStatus
 from lpmosd.roles.session import SessionState, run_session, session_value
 from lpmosd.store import Store
+from lpmosd.tokens import TokenStore
 from lpmosd.view import Change, PrefixView
 from lpmosd.web.server import serve_app
 
@@ -44,6 +45,12 @@ class ControlPlane:
     session: SessionState = field(default_factory=lambda: SessionState("control-plane"))
     view: PrefixView | None = None
     reaped: int = 0
+    #: Operator API tokens; its cache runs in the session (see :meth:`_session_body`).
+    tokens: TokenStore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tokens = TokenStore(self.client)
+
     #: Called with each session's view once it has synced (the dashboard's hub follows it).
     view_hooks: list[Callable[[PrefixView], None]] = field(default_factory=list)
 
@@ -96,6 +103,7 @@ class ControlPlane:
         try:
             async with open_nursery() as nursery:
                 await nursery.start(view.run)
+                await nursery.start(self.tokens.run)
                 self.view = view
                 for hook in self.view_hooks:
                     hook(view)

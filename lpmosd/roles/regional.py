@@ -18,7 +18,8 @@ import trio
 from lpmosd import schema
 from lpmosd._trio_util import open_nursery
 from lpmosd.config import RegionalConfig
-from lpmosd.errors import EtcdError
+from lpmosd.credentials import AgentToken
+from lpmosd.errors import EtcdError, ValidationError
 from lpmosd.etcd import EtcdClient, HeldLease
 from lpmosd.models import Task
 from lpmosd.roles.session import SessionState, run_session, session_value
@@ -46,6 +47,9 @@ class Regional:
     machines: PrefixView | None = None
     #: sn -> trio clock time of the agent's last heartbeat (this process's knowledge).
     heartbeats: dict[str, float] = field(default_factory=dict)
+    #: Agent token hash -> sn, from the view: tells "another server's token" (403) from an
+    #: unknown one (401).
+    agent_tokens: dict[str, str] = field(default_factory=dict)
     url: str = ""
 
     @property
@@ -105,6 +109,8 @@ class Regional:
         servers = PrefixView(self.client, schema.servers_prefix(self.idc))
         machines = PrefixView(self.client, schema.machines_prefix(self.idc))
         servers.listeners.append(self._on_server)
+        machines.listeners.append(self._on_machine_key)
+        self.agent_tokens.clear()
         try:
             async with open_nursery() as nursery:
                 await nursery.start(servers.run)
@@ -125,6 +131,22 @@ class Regional:
             parsed = schema.parse_key(change.key)
             if parsed is not None:
                 log.info("New server: %s", parsed.sn, extra={"idc": self.idc, "sn": parsed.sn})
+
+    def _on_machine_key(self, change: Change) -> None:
+        parsed = schema.parse_key(change.key)
+        if parsed is None or parsed.kind != "agent_token":
+            return
+        for kv, add in ((change.prev, False), (change.kv, True)):
+            if kv is None:
+                continue
+            try:
+                digest = AgentToken.from_json(kv.value).token_hash
+            except ValidationError:
+                continue
+            if add:
+                self.agent_tokens[digest] = parsed.sn
+            elif self.agent_tokens.get(digest) == parsed.sn:
+                del self.agent_tokens[digest]
 
     async def revoke_quietly(self, lease_id: int | None) -> None:
         """Revoke an agent lease; failures only cost a TTL of waiting."""

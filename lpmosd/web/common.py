@@ -118,8 +118,14 @@ def no_fields(body: dict[str, Any]) -> None:
         raise ValidationError(f"unknown field {key!r}", field=str(key))
 
 
-def install_common(app: QuartTrio, *, name: str, readiness: Readiness, max_body: int) -> None:
-    """Error mapping, body limit, request metrics and /healthz, /readyz, /metrics."""
+def install_common(
+    app: QuartTrio, *, name: str, readiness: Readiness, max_body: int, metrics: bool = True
+) -> None:
+    """Error mapping, body limit, request metrics and /healthz, /readyz, /metrics.
+
+    ``metrics=False`` leaves ``/metrics`` out (the app guards its own, or serves none).
+    /healthz and /readyz are always open: they say only whether the role is up.
+    """
     app.config["MAX_CONTENT_LENGTH"] = max_body
 
     @app.errorhandler(InputError)
@@ -165,6 +171,10 @@ def install_common(app: QuartTrio, *, name: str, readiness: Readiness, max_body:
         ready, detail = await readiness()
         return json_response({"ready": ready, **detail}, 200 if ready else 503)
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
+    if metrics:
+        app.add_url_rule("/metrics", "metrics", metrics_response, methods=["GET"])
+
+
+async def metrics_response() -> Response:
+    """The process's Prometheus metrics."""
+    return Response(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)

@@ -1,4 +1,12 @@
-"""The control-plane HTTP app: the operators' REST API (``/api/v1``) and ops endpoints."""
+"""The control-plane HTTP app: the operators' REST API (``/api/v1``) and ops endpoints.
+
+See ``lpmosd/web/openapi/control.yaml``. Every API route needs a token (or a browser
+session, see :mod:`lpmosd.web.auth`): reads need ``viewer``; create, approve, cancel, retry
+and enrolment secrets ``operator``; delete and token management ``admin``. The actor
+recorded in a task (``created_by``, ``approval.approved_by``, ``status_history[].actor``) is
+always the authenticated principal's name: an ``approved_by`` in the body is ignored (the
+guide's curl still works, but nobody can approve in someone else's name).
+"""
 
 from __future__ import annotations
 
@@ -9,18 +17,34 @@ from quart_trio import QuartTrio
 
 from lpmosd import schema
 from lpmosd.errors import ValidationError
-from lpmosd.models import ApproveRequest, CreateTaskRequest, TaskStatus, sanitize_text
-from lpmosd.web.common import install_common, json_response, read_json
+from lpmosd.models import ApproveRequest, CreateTaskRequest, TaskStatus, sanitize_text, utcnow
+from lpmosd.tokens import Role, parse_expiry, validate_token_name
+from lpmosd.web.auth import current_principal, install_auth, require_role
+from lpmosd.web.common import install_common, json_response, metrics_response, read_json
 
 if TYPE_CHECKING:
     from lpmosd.roles.control_plane import ControlPlane
 
 _ACTION_FIELDS = frozenset({"reason"})
+_TOKEN_FIELDS = frozenset({"name", "role", "expires"})
 
 
 def _actor() -> str:
-    """Who is acting. Without authentication configured everyone is "anonymous"."""
-    return "anonymous"
+    """Who is acting: the authenticated principal."""
+    return current_principal().name
+
+
+def _token_request(body: object) -> tuple[str, Role, object]:
+    if not isinstance(body, dict):
+        raise ValidationError("body must be a JSON object", field="body")
+    for key in body:
+        if key not in _TOKEN_FIELDS:
+            raise ValidationError(f"unknown field {key!r}", field=str(key))
+    if "name" not in body:
+        raise ValidationError("name is required", field="name")
+    if "role" not in body:
+        raise ValidationError("role is required", field="role")
+    return validate_token_name(body["name"]), Role.parse(body["role"]), body.get("expires")
 
 
 def _status_filter(value: str | None) -> TaskStatus | None:
@@ -56,15 +80,40 @@ def create_control_app(cp: ControlPlane) -> QuartTrio:
         ok = cp.session.running and cp.view is not None
         return ok, {"role": "control-plane", "session": cp.session.state}
 
-    install_common(app, name="control-plane", readiness=readiness, max_body=max_body)
+    public_metrics = cp.config.metrics_public
+    install_common(
+        app,
+        name="control-plane",
+        readiness=readiness,
+        max_body=max_body,
+        metrics=public_metrics,
+    )
+    install_auth(app, cp.tokens, secure_cookies=cp.config.tls_cert_file is not None)
+    tokens = cp.tokens
+
+    if not public_metrics:
+
+        @app.get("/metrics")
+        @require_role(Role.VIEWER)
+        async def metrics() -> Response:
+            return await metrics_response()
+
+    @app.get("/api/v1/whoami")
+    @require_role(Role.VIEWER)
+    async def whoami() -> Response:
+        principal = current_principal()
+        return json_response({"name": principal.name, "role": principal.role.label})
 
     @app.post("/api/v1/tasks")
+    @require_role(Role.OPERATOR)
     async def create_task() -> Response:
         req = CreateTaskRequest.from_obj(await read_json(max_body))
-        task = await store.create_task(req, actor=_actor())
-        return json_response(task.to_dict(), 201)
+        task, secret = await store.create_enrolled_task(req, actor=_actor())
+        # The secret is shown this once (it is stored hashed): for the boot parameters.
+        return json_response({**task.to_dict(), "enrollment_secret": secret}, 201)
 
     @app.get("/api/v1/tasks")
+    @require_role(Role.VIEWER)
     async def list_tasks() -> Response:
         idc_arg = request.args.get("idc")
         idc = schema.validate_idc(idc_arg) if idc_arg else None
@@ -73,20 +122,23 @@ def create_control_app(cp: ControlPlane) -> QuartTrio:
         return json_response({"tasks": [t.to_dict() for t in tasks], "count": len(tasks)})
 
     @app.get("/api/v1/tasks/<idc>/<sn>")
+    @require_role(Role.VIEWER)
     async def get_task(idc: str, sn: str) -> Response:
         stored = await store.get_task(schema.validate_idc(idc), schema.validate_sn(sn))
         return json_response(stored.task.to_dict())
 
     @app.post("/api/v1/tasks/<idc>/<sn>/approve")
+    @require_role(Role.OPERATOR)
     async def approve(idc: str, sn: str) -> Response:
         idc, sn = schema.validate_idc(idc), schema.validate_sn(sn)
+        # ``approved_by`` in the body is validated but ignored: the approver is whoever
+        # authenticated (compatible with the guide's curl, unforgeable).
         req = ApproveRequest.from_obj(await read_json(max_body, empty_ok=True))
-        task = await store.approve(
-            idc, sn, approved_by=req.approved_by or _actor(), notes=req.notes
-        )
+        task = await store.approve(idc, sn, approved_by=_actor(), notes=req.notes)
         return json_response(task.to_dict())
 
     @app.post("/api/v1/tasks/<idc>/<sn>/cancel")
+    @require_role(Role.OPERATOR)
     async def cancel(idc: str, sn: str) -> Response:
         idc, sn = schema.validate_idc(idc), schema.validate_sn(sn)
         reason = _reason(await read_json(max_body, empty_ok=True))
@@ -94,24 +146,64 @@ def create_control_app(cp: ControlPlane) -> QuartTrio:
         return json_response(task.to_dict())
 
     @app.post("/api/v1/tasks/<idc>/<sn>/retry")
+    @require_role(Role.OPERATOR)
     async def retry(idc: str, sn: str) -> Response:
         idc, sn = schema.validate_idc(idc), schema.validate_sn(sn)
         _reason(await read_json(max_body, empty_ok=True))
-        task = await store.retry(idc, sn, actor=_actor())
-        return json_response(task.to_dict())
+        task, secret = await store.retry_enrolled(idc, sn, actor=_actor())
+        return json_response({**task.to_dict(), "enrollment_secret": secret})
+
+    @app.post("/api/v1/tasks/<idc>/<sn>/enrollment")
+    @require_role(Role.OPERATOR)
+    async def reissue_enrollment(idc: str, sn: str) -> Response:
+        idc, sn = schema.validate_idc(idc), schema.validate_sn(sn)
+        body = await read_json(max_body, empty_ok=True)
+        if not isinstance(body, dict) or body:
+            raise ValidationError("body must be empty or {}", field="body")
+        task, secret = await store.reissue_enrolment(idc, sn, actor=_actor())
+        return json_response(
+            {"idc": idc, "sn": sn, "task_id": task.task_id, "enrollment_secret": secret}
+        )
 
     @app.delete("/api/v1/tasks/<idc>/<sn>")
+    @require_role(Role.ADMIN)
     async def delete_task(idc: str, sn: str) -> Response:
         idc, sn = schema.validate_idc(idc), schema.validate_sn(sn)
         await store.delete_task(idc, sn)
         return json_response({"deleted": True, "idc": idc, "sn": sn})
 
     @app.get("/api/v1/servers")
+    @require_role(Role.VIEWER)
     async def list_servers() -> Response:
         idc_arg = request.args.get("idc")
         if not idc_arg:
             raise ValidationError("idc is required", field="idc")
         servers = await store.list_servers(schema.validate_idc(idc_arg))
         return json_response({"servers": [s.to_dict() for s in servers], "count": len(servers)})
+
+    # --- operator tokens (admin) ------------------------------------------------------
+
+    @app.get("/api/v1/tokens")
+    @require_role(Role.ADMIN)
+    async def list_tokens() -> Response:
+        now = utcnow()
+        records = [r.public_dict(now) for r in await tokens.list()]
+        return json_response({"tokens": records, "count": len(records)})
+
+    @app.post("/api/v1/tokens")
+    @require_role(Role.ADMIN)
+    async def create_token() -> Response:
+        name, role, expires = _token_request(await read_json(max_body))
+        record, token = await tokens.create(
+            name, role, actor=_actor(), expires_in=parse_expiry(expires)
+        )
+        # The token is shown this once; only its hash is stored.
+        return json_response({**record.public_dict(utcnow()), "token": token}, 201)
+
+    @app.delete("/api/v1/tokens/<name>")
+    @require_role(Role.ADMIN)
+    async def revoke_token(name: str) -> Response:
+        record = await tokens.revoke(validate_token_name(name), actor=_actor())
+        return json_response(record.public_dict(utcnow()))
 
     return app

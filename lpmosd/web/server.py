@@ -11,6 +11,9 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from quart_trio import QuartTrio
 
+#: Largest request line + header block accepted (431/400 beyond it, from hypercorn).
+MAX_HEADER_BYTES = 16 * 1024
+
 
 async def serve_app(
     app: QuartTrio,
@@ -37,8 +40,11 @@ async def serve_app(
     cfg.accesslog = None
     cfg.errorlog = logging.getLogger("lpmosd.http")
     cfg.graceful_timeout = graceful_timeout
-    # Header limits against hostile clients; bodies are capped per app.
-    cfg.h11_max_incomplete_size = 16 * 1024
+    # Header limits against hostile clients (request line + headers, HTTP/1.1 and HTTP/2):
+    # 16 KiB, as nginx's default large_client_header_buffers. Bodies are capped per app.
+    # No read_timeout: it would cut the dashboard's server-sent-event streams.
+    cfg.h11_max_incomplete_size = MAX_HEADER_BYTES
+    cfg.h2_max_header_list_size = MAX_HEADER_BYTES
     cfg.include_server_header = False
 
     async def _started(*, task_status: trio.TaskStatus[list[str]]) -> None:

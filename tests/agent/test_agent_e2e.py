@@ -19,7 +19,14 @@ from typing import Any
 
 import httpx
 import trio
-from provisioning_kit import GUIDE_TASK, free_port, make_config, open_daemon, wait_for
+from provisioning_kit import (
+    GUIDE_TASK,
+    free_port,
+    make_config,
+    open_control_api,
+    open_daemon,
+    wait_for,
+)
 
 from lpmosd import schema
 from lpmosd.agent.client import RetryPolicy
@@ -30,6 +37,7 @@ from lpmosd.etcd import open_client
 from lpmosd.etcd_process import EtcdProcess
 from lpmosd.models import Task
 from lpmosd.store import Store
+from lpmosd.tokens import Role
 
 IDC, SN, MAC = "dc1", "sn-001", "00:1a:2b:3c:4d:5e"
 OS = GUIDE_TASK["os_type"]  # "Ubuntu 22.04": the tests give it a fast plan
@@ -70,15 +78,19 @@ def agent_options(url: str, **kw: Any) -> AgentOptions:
 
 
 class Operator:
-    """The control-plane API over HTTP."""
+    """The control-plane API over HTTP, with an operator token."""
 
     def __init__(self, http: httpx.AsyncClient) -> None:
         self.http = http
+        #: The enrolment secret of the last create or retry (for the agent's options).
+        self.secret = ""
 
     async def call(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
         r = await self.http.request(method, path, json=body)
         assert r.is_success, (method, path, r.status_code, r.text)
         out: dict[str, Any] = r.json()
+        if "enrollment_secret" in out:
+            self.secret = out.pop("enrollment_secret")
         return out
 
     async def create(self) -> dict[str, Any]:
@@ -93,7 +105,8 @@ class Operator:
 
 @asynccontextmanager
 async def operator_of(daemon: Daemon) -> AsyncIterator[Operator]:
-    async with httpx.AsyncClient(base_url=daemon.urls["control-plane"], timeout=10) as http:
+    async with open_control_api(daemon, Role.OPERATOR) as http:
+        http.timeout = httpx.Timeout(10)
         yield Operator(http)
 
 
@@ -131,7 +144,11 @@ async def test_guide_flow(etcd: EtcdProcess) -> None:
             result: list[int] = []
 
             async def agent() -> None:
-                result.append(await run_agent(agent_options(daemon.urls["regional"])))
+                result.append(
+                    await run_agent(
+                        agent_options(daemon.urls["regional"], enrollment_secret=op.secret)
+                    )
+                )
 
             nursery.start_soon(agent)
             await wait_for(lambda: meta_reported(store), what="hardware report")
@@ -182,7 +199,7 @@ async def test_failed_step_then_retry_resumes(etcd: EtcdProcess, tmp_path: Path)
         await op.create()
         await op.act("approve", {})
         url = daemon.urls["regional"]
-        assert await run_agent(agent_options(url)) == EXIT_FAILED
+        assert await run_agent(agent_options(url, enrollment_secret=op.secret)) == EXIT_FAILED
         task = await op.task()
         assert task.status.value == "failed"
         assert task.error is not None and "step flaky failed: exit code 7" in task.error
@@ -192,7 +209,8 @@ async def test_failed_step_then_retry_resumes(etcd: EtcdProcess, tmp_path: Path)
         assert retried.status.value == "approved"
         assert retried.resume_from == "flaky"
         marker.touch()
-        assert await run_agent(agent_options(url)) == EXIT_OK
+        # The retry issued a new enrolment secret (the first one died with the failure).
+        assert await run_agent(agent_options(url, enrollment_secret=op.secret)) == EXIT_OK
         assert (await op.task()).status.value == "completed"
     assert count.read_text() == "run\n"  # "prepare" was not run again
 
@@ -210,7 +228,11 @@ async def test_operator_cancel_kills_the_running_step(etcd: EtcdProcess, tmp_pat
             result: list[int] = []
 
             async def agent() -> None:
-                result.append(await run_agent(agent_options(daemon.urls["regional"])))
+                result.append(
+                    await run_agent(
+                        agent_options(daemon.urls["regional"], enrollment_secret=op.secret)
+                    )
+                )
 
             nursery.start_soon(agent)
             await wait_for(pidfile.exists, what="the step to start")
@@ -247,7 +269,8 @@ async def test_regional_restart_mid_install(etcd: EtcdProcess, tmp_path: Path) -
             result: list[int] = []
 
             async def agent() -> None:
-                result.append(await run_agent(agent_options(f"http://127.0.0.1:{port}")))
+                opts = agent_options(f"http://127.0.0.1:{port}", enrollment_secret=op.secret)
+                result.append(await run_agent(opts))
 
             async with open_daemon(rg_config):
                 nursery.start_soon(agent)
@@ -269,12 +292,14 @@ async def test_regional_restart_mid_install(etcd: EtcdProcess, tmp_path: Path) -
     assert count.read_text() == "run\n"
 
 
-async def test_agent_process(etcd: EtcdProcess) -> None:
+async def test_agent_process(etcd: EtcdProcess, tmp_path: Path) -> None:
     """``python -m lpmosd agent`` as its own process, against the daemon."""
     config = with_plan(make_config(etcd.endpoints), [sim("a"), sh("b", "echo from {sn}")])
     async with open_daemon(config) as daemon, operator_of(daemon) as op:
         await op.create()
         await op.act("approve", {})
+        secret_file = tmp_path / "enrollment-secret"
+        secret_file.write_text(op.secret + "\n")
         argv = [
             sys.executable,
             "-m",
@@ -283,6 +308,7 @@ async def test_agent_process(etcd: EtcdProcess) -> None:
             f"--regional-url={daemon.urls['regional']}",
             f"--sn={SN}",
             f"--mac={MAC}",
+            f"--enrollment-secret-file={secret_file}",
             "--poll-interval=0.1",
             "--log-format=json",
         ]

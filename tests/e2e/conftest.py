@@ -21,9 +21,11 @@ import httpx
 import pytest
 import trio
 import trio_asyncio
-from provisioning_kit import free_port
+from provisioning_kit import bearer, create_token, free_port
 
+from lpmosd.etcd import open_client
 from lpmosd.etcd_process import EtcdProcess
+from lpmosd.tokens import Role
 
 #: Simulated install steps of the test plan for the guide's os_type.
 FAST_PLAN = (
@@ -103,6 +105,8 @@ class Proc:
     log: Path
     popen: subprocess.Popen[bytes] | None = None
     url: str = ""
+    #: For a control plane: the Authorization header of an admin token.
+    headers: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -189,6 +193,10 @@ class Cluster:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         proc = self.daemon("control-plane", control_plane_toml(self.endpoints, port, self.tmp), url)
+        async with open_client(self.endpoints) as client:
+            # Named like the guide's approver: the API records whoever authenticated.
+            token = await create_token(client, Role.ADMIN, "admin@example.com")
+            proc.headers = bearer(token)
         proc.start()
         return proc
 
@@ -199,8 +207,16 @@ class Cluster:
         proc.start()
         return proc
 
+    def secret_file(self, sn: str) -> Path:
+        """Where the enrolment secret of ``sn``'s task is kept (the machine's boot
+        parameters, in real life); :meth:`agent` passes it when it exists."""
+        return self.tmp / f"{sn}.enrollment-secret"
+
     def agent(self, regional_url: str, sn: str, mac: str, *extra: str) -> Proc:
         """An ``lpmosd agent`` process (not started)."""
+        secret = self.secret_file(sn)
+        if secret.exists():
+            extra = (f"--enrollment-secret-file={secret}", *extra)
         argv = [
             sys.executable,
             "-m",

@@ -66,15 +66,17 @@ async def test_fifty_agents_install_concurrently(etcd: EtcdProcess) -> None:
     async with open_client(etcd.endpoints) as client, open_daemon(config) as daemon:
         store = Store(client)
         url = daemon.urls["regional"]
+        secrets: dict[str, str] = {}
         for i, sn in enumerate(sns):
             req = CreateTaskRequest.from_obj({**GUIDE_TASK, "sn": sn, "mac": mac_of(i)})
-            await store.create_task(req, actor="test")
+            _, secrets[sn] = await store.create_enrolled_task(req, actor="test")
 
         async def agent(i: int, sn: str) -> None:
             opts = AgentOptions(
                 regional_url=url,
                 sn=sn,
                 mac=mac_of(i),
+                enrollment_secret=secrets[sn],
                 facts=facts_of(i),
                 poll_interval=0.3,
                 register_retry_interval=0.5,

@@ -59,15 +59,17 @@ async def wait_task(
 
 
 async def create_task(cp: Proc, body: dict[str, Any] = GUIDE_TASK) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=cp.url) as http:
+    """Create through the API; the enrolment secret goes where ``Cluster.agent`` finds it."""
+    async with httpx.AsyncClient(base_url=cp.url, headers=cp.headers) as http:
         r = await http.post("/api/v1/tasks", json=body)
         assert r.status_code == 201, r.text
         out: dict[str, Any] = r.json()
+        (cp.log.parent / f"{out['sn']}.enrollment-secret").write_text(out["enrollment_secret"])
         return out
 
 
 async def approve(cp: Proc, sn: str = SN) -> None:
-    async with httpx.AsyncClient(base_url=cp.url) as http:
+    async with httpx.AsyncClient(base_url=cp.url, headers=cp.headers) as http:
         r = await http.post(
             f"/api/v1/tasks/{IDC}/{sn}/approve",
             json={"approved_by": "admin@example.com", "notes": "Hardware verified"},
@@ -119,6 +121,9 @@ async def test_guide_flow_in_processes(cluster: Cluster) -> None:
             "/os/dc1/servers/sn-001",
             "/os/dc1/machines/sn-001/task",
             "/os/dc1/machines/sn-001/meta",
+            # The agent's credentials stay, hashed, and are dead with the task.
+            "/os/dc1/machines/sn-001/enrolment",
+            "/os/dc1/machines/sn-001/agent-token",
             session_key(IDC),
         }, "the lease key goes with completion"
 
@@ -179,7 +184,7 @@ async def test_guide_flow_in_processes(cluster: Cluster) -> None:
         check_ts(meta["reported_at"], "meta.reported_at")
 
         # The operator sees the same through the API.
-        async with httpx.AsyncClient(base_url=cp.url) as http:
+        async with httpx.AsyncClient(base_url=cp.url, headers=cp.headers) as http:
             r = await http.get("/api/v1/tasks", params={"idc": IDC, "status": "completed"})
             assert [t["sn"] for t in r.json()["tasks"]] == [SN]
             r = await http.get("/api/v1/servers", params={"idc": IDC})
@@ -288,7 +293,7 @@ async def agent_killed_mid_install(cluster: Cluster, ttl: int, heartbeat: int) -
         assert doc["error"] == HEARTBEAT_LOST
         assert doc["logs"][-1].endswith(f"Task failed at step packages by reaper: {HEARTBEAT_LOST}")
         assert await client.get(schema.lease_key(IDC, SN)) is None
-        async with httpx.AsyncClient(base_url=cp.url) as http:
+        async with httpx.AsyncClient(base_url=cp.url, headers=cp.headers) as http:
             r = await http.get(f"/api/v1/tasks/{IDC}/{SN}")
             assert r.json()["status"] == "failed"
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import trio
-from provisioning_kit import GUIDE_TASK, HARDWARE, make_config, open_daemon, wait_for
+from provisioning_kit import GUIDE_TASK, make_config, open_daemon, register_agent, wait_for
 
 from lpmosd import schema
 from lpmosd.config import ROLE_REGIONAL
@@ -55,13 +55,14 @@ def regional(daemon: Daemon) -> Regional:
     return daemon.regional
 
 
-async def create_and_register(store: Store, url: str) -> None:
-    await store.create_task(CreateTaskRequest.from_obj(GUIDE_TASK), actor="test")
+async def create_and_register(store: Store, url: str) -> dict[str, str]:
+    """Create the task, register its agent; returns the agent token's header."""
+    req = CreateTaskRequest.from_obj(GUIDE_TASK)
+    _, secret = await store.create_enrolled_task(req, actor="test")
     async with httpx.AsyncClient(base_url=url) as http:
-        r = await http.post(
-            "/api/v1/agent/register", json={"sn": SN, "mac": MAC, "hardware": HARDWARE}
-        )
+        r, auth = await register_agent(http, sn=SN, mac=MAC, secret=secret)
         assert r.status_code == 200, r.text
+    return auth
 
 
 async def test_revoked_session_lease_restarts_the_role_cleanly(
@@ -70,7 +71,7 @@ async def test_revoked_session_lease_restarts_the_role_cleanly(
     config = make_config(etcd.endpoints, roles=RG_ONLY, session_ttl=3)
     async with open_daemon(config) as daemon:
         rg = regional(daemon)
-        await create_and_register(store, rg.url)
+        auth = await create_and_register(store, rg.url)
         old_lease = rg.session.lease
         old_views: list[PrefixView] = [v for v in (rg.servers, rg.machines) if v is not None]
         assert old_lease is not None and len(old_views) == 2
@@ -104,7 +105,7 @@ async def test_revoked_session_lease_restarts_the_role_cleanly(
         assert [(v.revision, dict(v.items)) for v in old_views] == frozen
 
         # And the agent API serves again, with the agent's own lease untouched.
-        async with httpx.AsyncClient(base_url=rg.url) as http:
+        async with httpx.AsyncClient(base_url=rg.url, headers=auth) as http:
             r = await http.post(f"/api/v1/agent/{SN}/heartbeat")
             assert r.status_code == 200, r.text
             assert r.json()["lease_ttl"] > 0
@@ -121,12 +122,12 @@ async def test_frozen_etcd_expires_session_503_then_recovers(
     async with open_client(private_etcd.endpoints) as client, open_daemon(config) as daemon:
         rg = regional(daemon)
         store = Store(client)
-        await create_and_register(store, rg.url)
+        auth = await create_and_register(store, rg.url)
         old_lease = rg.session.lease
         old_machines = rg.machines
         assert old_lease is not None and old_machines is not None
 
-        async with httpx.AsyncClient(base_url=rg.url, timeout=5) as http:
+        async with httpx.AsyncClient(base_url=rg.url, timeout=5, headers=auth) as http:
             await private_etcd.apause()
             try:
                 # Keepalives go unanswered; past TTL - margin the role gives the lease up.
@@ -168,12 +169,13 @@ async def test_restarted_regional_reattaches_to_live_agent_leases(
 ) -> None:
     config = make_config(etcd.endpoints, roles=RG_ONLY)
     async with open_daemon(config) as daemon:
-        await create_and_register(store, regional(daemon).url)
+        auth = await create_and_register(store, regional(daemon).url)
     lease_id = await store.get_lease_id("dc1", SN)
     assert lease_id is not None
     before = await client.lease_time_to_live(lease_id)
     assert before is not None
-    async with open_daemon(config) as daemon, httpx.AsyncClient() as http:
+    # The agent token is in etcd (hashed): the restarted regional still knows it.
+    async with open_daemon(config) as daemon, httpx.AsyncClient(headers=auth) as http:
         url = regional(daemon).url
         r = await http.post(f"{url}/api/v1/agent/{SN}/heartbeat")
         assert r.status_code == 200, r.text

@@ -8,12 +8,20 @@ answer a false 404/409.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 import pytest
 import trio
-from provisioning_kit import GUIDE_TASK, HARDWARE, make_config, open_daemon
+from provisioning_kit import (
+    GUIDE_TASK,
+    HARDWARE,
+    bearer,
+    make_config,
+    open_control_api,
+    open_daemon,
+    wait_for,
+)
 
 from lpmosd import schema
 from lpmosd.daemon import Daemon
@@ -30,6 +38,8 @@ class Apis:
     daemon: Daemon
     cp: httpx.AsyncClient
     agent: httpx.AsyncClient
+    #: sn -> the enrolment secret its task was created with.
+    secrets: dict[str, str] = field(default_factory=dict)
 
 
 @pytest.fixture
@@ -37,7 +47,7 @@ async def apis(etcd: EtcdProcess, aio_loop: None) -> AsyncIterator[Apis]:
     config = make_config(etcd.endpoints, agent_lease_ttl=10, heartbeat_interval=3)
     async with (
         open_daemon(config) as daemon,
-        httpx.AsyncClient(base_url=daemon.urls["control-plane"]) as cp,
+        open_control_api(daemon) as cp,
         httpx.AsyncClient(base_url=daemon.urls["regional"]) as agent,
     ):
         yield Apis(daemon, cp, agent)
@@ -47,15 +57,25 @@ async def create(apis: Apis, **changes: str) -> dict[str, object]:
     r = await apis.cp.post("/api/v1/tasks", json={**GUIDE_TASK, **changes})
     assert r.status_code == 201, r.text
     body: dict[str, object] = r.json()
+    secret = body["enrollment_secret"]
+    assert isinstance(secret, str)
+    apis.secrets[str(body["sn"])] = secret
     return body
 
 
-async def register(apis: Apis, sn: str = SN, mac: str = MAC) -> dict[str, object]:
+async def register(
+    apis: Apis, sn: str = SN, mac: str = MAC, *, token: str | None = None
+) -> dict[str, object]:
+    """Register ``sn`` with its task's secret (and ``token``, as the agent's re-registration
+    does); later agent calls carry the new agent token."""
     r = await apis.agent.post(
-        "/api/v1/agent/register", json={"sn": sn, "mac": mac, "hardware": HARDWARE}
+        "/api/v1/agent/register",
+        json={"sn": sn, "mac": mac, "hardware": HARDWARE, "enrollment_secret": apis.secrets[sn]},
+        headers=bearer(token) if token else None,
     )
     assert r.status_code == 200, r.text
     body: dict[str, object] = r.json()
+    apis.agent.headers.update(bearer(str(body["agent_token"])))
     return body
 
 
@@ -117,10 +137,11 @@ async def test_heartbeat_right_after_register(apis: Apis) -> None:
 
 async def test_reregister_replaces_the_lease(apis: Apis, store: Store, client: EtcdClient) -> None:
     await create(apis)
-    await register(apis)
+    token = (await register(apis))["agent_token"]
+    assert isinstance(token, str)
     first = await store.get_lease_id("dc1", SN)
     await trio.sleep(0.2)  # the regional's cache knows the first lease
-    await register(apis)
+    await register(apis, token=token)  # the live agent itself, with its token
     second = await store.get_lease_id("dc1", SN)
     assert first is not None and second is not None and first != second
     assert await client.lease_time_to_live(first) is None, "old lease revoked"
@@ -144,32 +165,40 @@ async def test_agent_fail_report(apis: Apis, store: Store, client: EtcdClient) -
     task = (await store.get_task("dc1", SN)).task
     assert task.error == "mirror down" and "at step packages" in task.logs[-1]
     assert await client.get(schema.lease_key("dc1", SN)) is None
-    # After the failure the agent may still ship its last log lines.
+    # The task ended: the agent token is revoked; the agent learns how its task ended.
     r = await apis.agent.post(f"/api/v1/agent/{SN}/logs", json={"line": "dmesg tail"})
-    assert r.status_code == 200, r.text
+    assert r.status_code == 401, r.text
+    assert r.json()["task_status"] == "failed"
 
 
 async def test_cancelled_task_is_visible_to_the_agent(apis: Apis) -> None:
     await create(apis)
     await register(apis)
     await apis.cp.post(f"/api/v1/tasks/dc1/{SN}/cancel")
-    # Writes are decided on fresh data at once...
-    r = await apis.agent.post(f"/api/v1/agent/{SN}/progress", json={"step": "a", "percent": 1})
-    assert r.status_code == 409
-    # ...while reads come from the regional's watch cache, current within moments.
-    with trio.fail_after(2):
-        while True:
-            r = await apis.agent.post(f"/api/v1/agent/{SN}/heartbeat")
-            assert r.status_code == 200, r.text
-            if r.json()["status"] == "cancelled":
-                break
-            await trio.sleep(0.01)
-    r = await apis.agent.get(f"/api/v1/agent/{SN}/task")
-    assert r.json()["task"]["status"] == "cancelled"
+    # Cancelling revoked the agent's token; each refusal tells the agent why. (The regional
+    # learns of the cancel from its watch, a moment later: until then a write would be
+    # refused by the state machine, 409, and a heartbeat would still say "pending".)
+    rg = apis.daemon.regional
+    assert rg is not None
+
+    def seen() -> bool:
+        cached = rg.task_kv_and_task(SN)
+        return cached is not None and cached[0].status.value == "cancelled"
+
+    await wait_for(seen, what="the regional's view of the cancel")
+    for call in (
+        apis.agent.post(f"/api/v1/agent/{SN}/heartbeat"),
+        apis.agent.get(f"/api/v1/agent/{SN}/task"),
+        apis.agent.post(f"/api/v1/agent/{SN}/progress", json={"step": "a", "percent": 1}),
+    ):
+        r = await call
+        assert r.status_code == 401, r.text
+        assert r.json()["task_status"] == "cancelled"
 
 
 async def test_agent_reads_its_task_right_after_creation(apis: Apis) -> None:
     await create(apis)
+    await register(apis)
     r = await apis.agent.get(f"/api/v1/agent/{SN}/task")
     assert r.status_code == 200, r.text
     task = r.json()["task"]

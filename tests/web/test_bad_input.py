@@ -14,7 +14,15 @@ from typing import Any
 
 import httpx
 import pytest
-from provisioning_kit import GUIDE_TASK, HARDWARE, keyspace, make_config, open_daemon
+from provisioning_kit import (
+    GUIDE_TASK,
+    HARDWARE,
+    keyspace,
+    make_config,
+    open_control_api,
+    open_daemon,
+    register_agent,
+)
 
 from lpmosd.etcd import EtcdClient
 from lpmosd.etcd_process import EtcdProcess
@@ -92,34 +100,43 @@ class Case:
 @dataclass
 class World:
     client: EtcdClient
-    cp: httpx.AsyncClient
-    agent: httpx.AsyncClient
+    cp: httpx.AsyncClient  # with an admin token
+    agent: httpx.AsyncClient  # with sn-001's agent token
+    #: (idc, sn) -> the enrolment secret of its task.
+    secrets: dict[tuple[str, str], str]
 
 
 @pytest.fixture
 async def world(
     etcd: EtcdProcess, aio_loop: None, store: Store, client: EtcdClient
 ) -> AsyncIterator[World]:
-    """A daemon with both roles for dc1, a task installing (sn-001), one pending
-    (sn-002), and one of another IDC (dc2/sn-777)."""
+    """A daemon with both roles for dc1, a task installing (sn-001, its agent registered
+    through the API), one pending (sn-002), and one of another IDC (dc2/sn-777)."""
     from lpmosd.models import CreateTaskRequest
 
     async with (
         open_daemon(make_config(etcd.endpoints)) as daemon,
-        httpx.AsyncClient(base_url=daemon.urls["control-plane"], timeout=30) as cp,
+        open_control_api(daemon) as cp,
         httpx.AsyncClient(base_url=daemon.urls["regional"], timeout=30) as agent,
     ):
+        cp.timeout = httpx.Timeout(30)
         meta = MachineMeta.from_report(HARDWARE, now=utcnow())
+        secrets: dict[tuple[str, str], str] = {}
         for idc, sn in (("dc1", "sn-001"), ("dc1", "sn-002"), ("dc2", "sn-777")):
             req = CreateTaskRequest.from_obj({**GUIDE_TASK, "idc": idc, "sn": sn})
-            await store.create_task(req, actor="test")
+            _, secrets[idc, sn] = await store.create_enrolled_task(req, actor="test")
+            if sn == "sn-001":
+                r, auth = await register_agent(agent, sn=sn, mac=MAC, secret=secrets[idc, sn])
+                assert r.status_code == 200, r.text
+                agent.headers.update(auth)
+                continue
             lease = await client.lease_grant(60)
             await store.register_agent(idc, sn, mac=MAC, meta=meta, lease_id=lease.id)
         for idc, sn in (("dc1", "sn-001"), ("dc2", "sn-777")):
             await store.approve(idc, sn, approved_by="op")
             await store.record_progress(idc, sn, step="partitioning", percent=5, message="")
         assert (await store.get_task("dc1", "sn-001")).task.status is TaskStatus.INSTALLING
-        yield World(client, cp, agent)
+        yield World(client, cp, agent, secrets)
 
 
 async def send(http: httpx.AsyncClient, case: Case) -> httpx.Response:
@@ -283,7 +300,13 @@ async def test_list_endpoints_bad_queries(world: World) -> None:
 
 async def test_register_bad_input(world: World) -> None:
     p = "/api/v1/agent/register"
-    good: dict[str, Any] = {"sn": "sn-002", "mac": MAC, "hardware": HARDWARE}
+    secret = world.secrets["dc1", "sn-002"]
+    good: dict[str, Any] = {
+        "sn": "sn-002",
+        "mac": MAC,
+        "hardware": HARDWARE,
+        "enrollment_secret": secret,
+    }
     cases = body_cases("POST", p, empty_ok=False)
     for missing in ("sn", "mac", "hardware"):
         cases.append(
@@ -327,8 +350,37 @@ async def test_register_bad_input(world: World) -> None:
         Case("POST", p, {**good, "sn": "sn-777"}, status=404, field="sn"),
         Case("POST", p, {**good, "sn": "sn-404"}, status=404, field="sn"),
         Case("POST", p, {**good, "mac": "00:00:5e:00:53:01"}, status=409, field="mac"),
+        # No, a wrong, another task's, or a non-string secret.
+        Case(
+            "POST",
+            p,
+            {k: v for k, v in good.items() if k != "enrollment_secret"},
+            status=401,
+            field="enrollment_secret",
+        ),
+        Case("POST", p, {**good, "enrollment_secret": "lpe_" + "A" * 43}, 401, "enrollment_secret"),
+        Case("POST", p, {**good, "enrollment_secret": ""}, 401, "enrollment_secret"),
+        Case(
+            "POST",
+            p,
+            {**good, "enrollment_secret": world.secrets["dc1", "sn-001"]},
+            401,
+            "enrollment_secret",
+        ),
+        Case("POST", p, {**good, "enrollment_secret": 5}, field="enrollment_secret"),
+        Case("POST", p, {**good, "enrollment_secret": "x" * 257}, field="enrollment_secret"),
+        # sn-001's secret was used by its agent, which is alive: a replay is refused.
+        Case(
+            "POST",
+            p,
+            {**good, "sn": "sn-001", "enrollment_secret": world.secrets["dc1", "sn-001"]},
+            409,
+            "enrollment_secret",
+        ),
     ]
-    await check_cases(world, world.agent, cases)
+    # Not as sn-001's agent (whose token would make the replay its own re-registration).
+    async with httpx.AsyncClient(base_url=world.agent.base_url, timeout=30) as stranger:
+        await check_cases(world, stranger, cases)
 
 
 AGENT_ACTIONS = ("heartbeat", "progress", "logs", "complete", "fail")
@@ -349,11 +401,12 @@ async def test_agent_paths_bad_names_and_wrong_idc(world: World) -> None:
             cases.append(
                 Case("POST", f"/api/v1/agent/{raw}/{action}", VALID_BODY[action], field="sn")
             )
-    for sn in ("sn-777", "sn-404"):  # another IDC's server, and nobody's
-        cases.append(Case("GET", f"/api/v1/agent/{sn}/task", status=404, field="sn"))
+    # Another IDC's server, nobody's, another server of this IDC: sn-001's token is no good.
+    for sn in ("sn-777", "sn-404", "sn-002"):
+        cases.append(Case("GET", f"/api/v1/agent/{sn}/task", status=403, field="sn"))
         for action in AGENT_ACTIONS:
             cases.append(
-                Case("POST", f"/api/v1/agent/{sn}/{action}", VALID_BODY[action], 404, "sn")
+                Case("POST", f"/api/v1/agent/{sn}/{action}", VALID_BODY[action], 403, "sn")
             )
     for path in ("/api/v1/agent/a%2Fb/task", "/api/v1/agent/sn-001/reboot"):
         cases.append(Case("POST", path, {}, status=404, field=None))

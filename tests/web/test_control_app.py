@@ -6,7 +6,14 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from provisioning_kit import GUIDE_TASK, HARDWARE, keyspace, make_config, open_daemon
+from provisioning_kit import (
+    GUIDE_TASK,
+    HARDWARE,
+    keyspace,
+    make_config,
+    open_control_api,
+    open_daemon,
+)
 
 from lpmosd.config import ROLE_CONTROL_PLANE
 from lpmosd.etcd import EtcdClient
@@ -19,12 +26,9 @@ MAC = GUIDE_TASK["mac"]
 
 @pytest.fixture
 async def api(etcd: EtcdProcess, aio_loop: None) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client of a control-plane-only daemon."""
+    """An HTTP client of a control-plane-only daemon, with an admin token (``test-admin``)."""
     config = make_config(etcd.endpoints, roles=frozenset({ROLE_CONTROL_PLANE}))
-    async with (
-        open_daemon(config) as daemon,
-        httpx.AsyncClient(base_url=daemon.urls["control-plane"]) as http,
-    ):
+    async with open_daemon(config) as daemon, open_control_api(daemon) as http:
         yield http
 
 
@@ -66,7 +70,8 @@ async def test_every_transition_through_the_api(
     )
     assert r.status_code == 200, r.text
     approval = r.json()["approval"]
-    assert approval["approved"] is True and approval["approved_by"] == "admin@example.com"
+    # The approver is the authenticated principal; a body's approved_by is ignored.
+    assert approval["approved"] is True and approval["approved_by"] == "test-admin"
     assert approval["notes"] == "Hardware verified"
     # approve again, retry while approved: illegal, nothing changes
     before = await keyspace(client)
