@@ -13,6 +13,8 @@ from lpmosd.errors import ValidationError
 from lpmosd.schema import (
     NAME_RE,
     ParsedKey,
+    agent_token_key,
+    enrolment_key,
     idc_prefix,
     lease_key,
     machine_prefix,
@@ -193,6 +195,8 @@ BUILDERS: list[tuple[Callable[[str, str], str], str]] = [
     (task_key, "task"),
     (meta_key, "meta"),
     (lease_key, "lease"),
+    (enrolment_key, "enrolment"),
+    (agent_token_key, "agent_token"),
 ]
 
 
