@@ -24,6 +24,7 @@ from lpmosd.etcd import EtcdClient, HeldLease
 from lpmosd.models import Task
 from lpmosd.roles.session import SessionState, run_session, session_value
 from lpmosd.store import Store, parse_lease_value
+from lpmosd.taskwriter import TaskWriter
 from lpmosd.view import Change, PrefixView
 from lpmosd.web.server import serve_app
 
@@ -51,6 +52,11 @@ class Regional:
     #: unknown one (401).
     agent_tokens: dict[str, str] = field(default_factory=dict)
     url: str = ""
+    #: Batched, coalesced writes of agents' progress reports (see lpmosd.taskwriter).
+    writer: TaskWriter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.writer = TaskWriter(self.store)
 
     @property
     def idc(self) -> str:
@@ -79,6 +85,7 @@ class Regional:
 
         app = create_agent_app(self)
         async with open_nursery() as nursery:
+            await nursery.start(self.writer.run)
             self.url = await nursery.start(
                 partial(
                     serve_app,

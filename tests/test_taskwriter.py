@@ -1,0 +1,166 @@
+"""TaskWriter: batched, coalesced task updates keep Store.update_task's semantics."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+import trio_asyncio
+
+from lpmosd import schema
+from lpmosd.errors import ConflictError, NotFoundError
+from lpmosd.etcd import EtcdClient, KeyValue, open_client
+from lpmosd.etcd_process import EtcdProcess
+from lpmosd.models import CreateTaskRequest, TaskStatus
+from lpmosd.store import Store
+from lpmosd.taskwriter import TaskWriter
+
+IDC = "dc1"
+
+
+@pytest.fixture(autouse=True)
+async def aio_loop() -> AsyncIterator[None]:
+    """One trio-asyncio loop for every client of the test."""
+    async with trio_asyncio.open_loop():
+        yield
+
+
+@pytest.fixture
+async def client(etcd: EtcdProcess, aio_loop: None) -> AsyncIterator[EtcdClient]:
+    async with open_client(etcd.endpoints) as c:
+        yield c
+
+
+def _mac(n: int) -> str:
+    h = f"02{n:010x}"
+    return ":".join(h[i : i + 2] for i in range(0, 12, 2))
+
+
+async def _approved(store: Store, n: int) -> list[KeyValue]:
+    """``n`` approved tasks; their current KeyValues (as a watch cache would hold them)."""
+    kvs = []
+    for i in range(n):
+        sn = f"sn-{i:03d}"
+        req = CreateTaskRequest(idc=IDC, sn=sn, mac=_mac(i), os_type="demo")
+        await store.create_task(req, actor="test")
+        await store.approve(IDC, sn, approved_by="test")
+        kv = (await store.get_task(IDC, sn)).kv
+        assert kv is not None
+        kvs.append(kv)
+    return kvs
+
+
+async def test_batches_many_tasks_into_few_txns(client: EtcdClient) -> None:
+    store = Store(client)
+    kvs = await _approved(store, 40)
+    writer = TaskWriter(store, max_inflight=1)
+
+    async def report(i: int, kv: KeyValue) -> None:
+        await writer.record_progress(
+            IDC, f"sn-{i:03d}", step="partitioning", percent=50, message="", current=kv
+        )
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        async with trio.open_nursery() as senders:
+            for i, kv in enumerate(kvs):
+                senders.start_soon(report, i, kv)
+        nursery.cancel_scope.cancel()
+    assert writer.updates == 40
+    assert writer.txns < 40  # one Txn per batch, not per update
+    for i in range(40):
+        stored = await store.get_task(IDC, f"sn-{i:03d}")
+        assert stored.task.status is TaskStatus.INSTALLING
+        assert [(p.step, p.percent) for p in stored.task.progress] == [("partitioning", 50)]
+        entry = await client.get(schema.server_key(IDC, f"sn-{i:03d}"))
+        assert entry is not None and entry.mod_revision == stored.mod_revision
+        assert json.loads(entry.value)["status"] == "installing"
+
+
+async def test_coalesces_updates_of_one_task(client: EtcdClient) -> None:
+    store = Store(client)
+    (kv,) = await _approved(store, 1)
+    writer = TaskWriter(store, max_inflight=1)
+    results = []
+
+    async def report(step: str) -> None:
+        stored = await writer.record_progress(
+            IDC, "sn-000", step=step, percent=100, message="", current=kv
+        )
+        results.append(stored)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        async with trio.open_nursery() as senders:
+            for k in range(10):
+                senders.start_soon(report, f"step{k}")
+        nursery.cancel_scope.cancel()
+    task = (await store.get_task(IDC, "sn-000")).task
+    assert {p.step for p in task.progress} == {f"step{k}" for k in range(10)}
+    assert len(results) == 10
+    assert writer.txns < 10
+
+
+async def test_stale_cache_is_retried_not_lost(client: EtcdClient) -> None:
+    store = Store(client)
+    (kv,) = await _approved(store, 1)
+    # Somebody else writes the task after our cache was filled.
+    await store.record_progress(IDC, "sn-000", step="other", percent=10, message="")
+    writer = TaskWriter(store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        stored = await writer.record_progress(
+            IDC, "sn-000", step="mine", percent=20, message="", current=kv
+        )
+        nursery.cancel_scope.cancel()
+    assert {p.step for p in stored.task.progress} == {"other", "mine"}
+    task = (await store.get_task(IDC, "sn-000")).task
+    assert {(p.step, p.percent) for p in task.progress} == {("other", 10), ("mine", 20)}
+    assert writer.conflicts == 1
+
+
+async def test_refusal_is_decided_on_fresh_data(client: EtcdClient) -> None:
+    store = Store(client)
+    req = CreateTaskRequest(idc=IDC, sn="sn-000", mac=_mac(0), os_type="demo")
+    await store.create_task(req, actor="test")
+    pending_kv = (await store.get_task(IDC, "sn-000")).kv
+    await store.approve(IDC, "sn-000", approved_by="test")  # the cache has not seen this
+    writer = TaskWriter(store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        stored = await writer.record_progress(
+            IDC, "sn-000", step="s", percent=1, message="", current=pending_kv
+        )
+        assert stored.task.status is TaskStatus.INSTALLING
+        await store.finish(IDC, "sn-000", outcome=TaskStatus.COMPLETED)
+        with pytest.raises(ConflictError):
+            await writer.record_progress(
+                IDC, "sn-000", step="s", percent=2, message="", current=stored.kv
+            )
+        nursery.cancel_scope.cancel()
+
+
+async def test_deleted_task_is_not_found(client: EtcdClient) -> None:
+    store = Store(client)
+    (kv,) = await _approved(store, 1)
+    await client.delete(schema.machine_prefix(IDC, "sn-000"), prefix=True)
+    writer = TaskWriter(store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        with pytest.raises(NotFoundError):
+            await writer.record_progress(IDC, "sn-000", step="s", percent=1, message="", current=kv)
+        nursery.cancel_scope.cancel()
+
+
+async def test_without_run_it_is_the_store(client: EtcdClient) -> None:
+    store = Store(client)
+    (kv,) = await _approved(store, 1)
+    writer = TaskWriter(store)
+    stored = await writer.record_progress(
+        IDC, "sn-000", step="s", percent=5, message="", current=kv
+    )
+    assert stored.task.status is TaskStatus.INSTALLING
+    assert writer.txns == 0
+    assert writer.task_of(stored.kv or kv).status is TaskStatus.INSTALLING
