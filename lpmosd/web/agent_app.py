@@ -65,7 +65,9 @@ from lpmosd.web.common import (
     no_fields,
     read_json,
 )
+from lpmosd.web.ops import etcd_probe
 from lpmosd.web.ratelimit import RateLimiter
+from lpmosd.web.status_page import install_status_page
 
 if TYPE_CHECKING:
     from lpmosd.roles.regional import Regional
@@ -141,11 +143,15 @@ def create_agent_app(rg: Regional) -> QuartTrio:
 
     async def readiness() -> tuple[bool, dict[str, Any]]:
         ok = rg.session.running and rg.machines is not None
-        return ok, {"role": "regional", "idc": idc, "session": rg.session.state}
+        # Ask etcd itself (cached ~1 s): the session notices an outage only after its TTL.
+        etcd_ok, etcd = await etcd_probe(rg.client).check()
+        detail = {"role": "regional", "idc": idc, "session": rg.session.state, "etcd": etcd}
+        return ok and etcd_ok, detail
 
     install_common(
         app, name="regional", readiness=readiness, max_body=max_body, metrics=cfg.metrics_public
     )
+    install_status_page(app, rg)
 
     @app.errorhandler(_TaskEnded)
     async def _task_ended(exc: _TaskEnded) -> Response:

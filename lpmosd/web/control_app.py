@@ -19,8 +19,10 @@ from lpmosd import schema
 from lpmosd.errors import ValidationError
 from lpmosd.models import ApproveRequest, CreateTaskRequest, TaskStatus, sanitize_text, utcnow
 from lpmosd.tokens import Role, parse_expiry, validate_token_name
-from lpmosd.web.auth import current_principal, install_auth, require_role
+from lpmosd.web.auth import csrf_token, current_principal, install_auth, require_role
 from lpmosd.web.common import install_common, json_response, metrics_response, read_json
+from lpmosd.web.dashboard import install_dashboard
+from lpmosd.web.ops import etcd_probe
 
 if TYPE_CHECKING:
     from lpmosd.roles.control_plane import ControlPlane
@@ -78,7 +80,9 @@ def create_control_app(cp: ControlPlane) -> QuartTrio:
 
     async def readiness() -> tuple[bool, dict[str, Any]]:
         ok = cp.session.running and cp.view is not None
-        return ok, {"role": "control-plane", "session": cp.session.state}
+        # Ask etcd itself (cached ~1 s): the session notices an outage only after its TTL.
+        etcd_ok, etcd = await etcd_probe(cp.client).check()
+        return ok and etcd_ok, {"role": "control-plane", "session": cp.session.state, "etcd": etcd}
 
     public_metrics = cp.config.metrics_public
     install_common(
@@ -89,6 +93,7 @@ def create_control_app(cp: ControlPlane) -> QuartTrio:
         metrics=public_metrics,
     )
     install_auth(app, cp.tokens, secure_cookies=cp.config.tls_cert_file is not None)
+    install_dashboard(app, cp)
     tokens = cp.tokens
 
     if not public_metrics:
@@ -102,7 +107,11 @@ def create_control_app(cp: ControlPlane) -> QuartTrio:
     @require_role(Role.VIEWER)
     async def whoami() -> Response:
         principal = current_principal()
-        return json_response({"name": principal.name, "role": principal.role.label})
+        body = {"name": principal.name, "role": principal.role.label}
+        if csrf := csrf_token():
+            # A browser session's scripts read it here (same origin only: no CORS).
+            body["csrf_token"] = csrf
+        return json_response(body)
 
     @app.post("/api/v1/tasks")
     @require_role(Role.OPERATOR)

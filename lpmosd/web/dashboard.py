@@ -148,7 +148,7 @@ def install_dashboard(app: QuartTrio, cp: ControlPlane) -> LiveHub:
             "can_operate": principal.role >= Role.OPERATOR,
             "can_admin": principal.role >= Role.ADMIN,
             "csrf": csrf_token(),
-            "hub_live": hub.live,
+            "hub_live": hub.live and cp.view is not None,
             "since": hub.last_id,
             "statuses": _statuses(),
             **extra,
@@ -375,7 +375,9 @@ def install_dashboard(app: QuartTrio, cp: ControlPlane) -> LiveHub:
             # Subscribing inside the body: the hub forgets us whenever the body ends,
             # including when the browser goes away (quart closes the generator).
             with hub.subscribe(machine=machine, since=since) as sub:
-                yield b"retry: 2000\n\n"
+                # No id on this one: it must not move the browser's Last-Event-ID.
+                live = json.dumps({"live": hub.live and cp.view is not None})
+                yield f"retry: 2000\nevent: hello\ndata: {live}\n\n".encode()
                 for old in sub.backlog:
                     yield old.encode()
                 while True:

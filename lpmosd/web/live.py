@@ -80,6 +80,13 @@ def current_step(progress: Iterable[ProgressStep]) -> ProgressStep | None:
     return running or latest
 
 
+def os_label(task: Task) -> str:
+    """``os_type`` plus ``os_version`` unless the type already says it ("Ubuntu 22.04")."""
+    if not task.os_version or task.os_version in task.os_type:
+        return task.os_type
+    return f"{task.os_type} {task.os_version}"
+
+
 def task_summary(task: Task, *, agent_online: bool) -> dict[str, Any]:
     """One row of the tasks table."""
     step = current_step(task.progress)
@@ -88,7 +95,7 @@ def task_summary(task: Task, *, agent_online: bool) -> dict[str, Any]:
         "idc": task.idc,
         "sn": task.sn,
         "mac": task.mac,
-        "os": f"{task.os_type} {task.os_version}".strip(),
+        "os": os_label(task),
         "status": task.status.value,
         "step": step.step if step else "",
         "percent": 100 if task.status is TaskStatus.COMPLETED else (step.percent if step else 0),

@@ -59,7 +59,14 @@
     url += "&machine=" + encodeURIComponent(body.dataset.machine);
   }
   var source = new EventSource(url);
-  source.addEventListener("open", function () { setLive("live-on", "live"); });
+  // The first thing every stream says: whether the server itself follows etcd right now.
+  source.addEventListener("hello", function (ev) {
+    if (JSON.parse(ev.data).live) {
+      setLive("live-on", "live");
+    } else {
+      setLive("live-off", "etcd unreachable");
+    }
+  });
   source.addEventListener("error", function () {
     if (source.readyState === EventSource.CLOSED) {
       setLive("live-off", "disconnected — reload");

@@ -1,0 +1,238 @@
+"""The dashboard's event hub, fed by hand-made view changes: ids, resume, overflow, deltas."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+import trio
+
+from lpmosd import models, schema
+from lpmosd.etcd import EtcdClient, KeyValue
+from lpmosd.models import CreateTaskRequest, Task
+from lpmosd.view import Change, PrefixView
+from lpmosd.web.live import (
+    LiveHub,
+    current_step,
+    format_event_id,
+    log_delta,
+    parse_event_id,
+)
+
+T0 = datetime(2026, 1, 30, 12, 0, tzinfo=UTC)
+
+
+def new_task(sn: str = "sn-001", idc: str = "dc1", task_id: str = "task-1") -> Task:
+    req = CreateTaskRequest(idc=idc, sn=sn, mac="00:1a:2b:3c:4d:5e", os_type="demo")
+    return models.new_task(req, task_id=task_id, now=T0, actor="alice")
+
+
+def kv(key: str, value: bytes, rev: int) -> KeyValue:
+    return KeyValue(key.encode(), value, rev, rev, 1, 0)
+
+
+def task_change(task: Task, rev: int) -> Change:
+    key = schema.task_key(task.idc, task.sn)
+    return Change(key, kv(key, task.to_json(), rev), None, rev)
+
+
+def synced_view(items: dict[str, KeyValue], revision: int) -> PrefixView:
+    view = PrefixView(cast(EtcdClient, None), schema.ROOT)
+    view.items = dict(items)
+    view.revision = revision
+    view.synced.set()
+    return view
+
+
+def frames(text: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(id, event, data) of SSE frames."""
+    out = []
+    for frame in text:
+        fields = dict(line.split(": ", 1) for line in frame.strip().split("\n"))
+        out.append((fields["id"], fields["event"], json.loads(fields["data"])))
+    return out
+
+
+def drain(receive: trio.MemoryReceiveChannel[str]) -> list[str]:
+    got = []
+    while True:
+        try:
+            got.append(receive.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return got
+
+
+def hub_with_task(rev: int = 10) -> tuple[LiveHub, PrefixView, Task]:
+    task = new_task()
+    key = schema.task_key("dc1", "sn-001")
+    view = synced_view({key: kv(key, task.to_json(), rev)}, rev)
+    hub = LiveHub()
+    hub.attach(view)
+    return hub, view, task
+
+
+def test_event_ids_round_trip() -> None:
+    assert parse_event_id(format_event_id((42, 3))) == (42, 3)
+    assert parse_event_id("42") == (42, 0)
+    for bad in (None, "", "x-1", "1-x", "-1", "1" * 50):
+        assert parse_event_id(bad) is None
+
+
+async def test_first_attach_is_the_baseline_and_resets_early_streams() -> None:
+    hub = LiveHub()
+    with hub.subscribe(machine=None, since=None) as early:
+        assert early.backlog == []  # no snapshot yet: wait instead of reloading in a loop
+        hub_task = new_task()
+        key = schema.task_key("dc1", "sn-001")
+        hub.attach(synced_view({key: kv(key, hub_task.to_json(), 7)}, 9))
+        assert [e for _, e, _ in frames(drain(early.receive))] == ["reset"]
+    assert hub.last_id == "9-0"
+    assert [m for m, _, _ in hub.tasks()] == ["dc1/sn-001"]
+    assert hub.counts_dict()["dc1"]["pending"] == 1
+    with hub.subscribe(machine=None, since=(9, 0)) as sub:
+        assert sub.backlog == []
+    with hub.subscribe(machine=None, since=(8, 5)) as old:  # before the baseline
+        assert [e for _, e, _ in frames(old.backlog)] == ["reset"]
+
+
+async def test_changes_fan_out_to_table_and_to_the_machines_page() -> None:
+    hub, view, task = hub_with_task()
+    with (
+        hub.subscribe(machine=None, since=(10, 0)) as table,
+        hub.subscribe(machine="dc1/sn-001", since=(10, 0)) as page,
+        hub.subscribe(machine="dc1/other", since=(10, 0)) as elsewhere,
+    ):
+        approved = models.approve(task, approved_by="bob", notes="ok", now=T0)
+        for listener in view.listeners:
+            listener(task_change(approved, 11))
+        ((tid, event, data),) = frames(drain(table.receive))
+        assert (tid, event) == ("11-0", "task")
+        assert data["summary"]["status"] == "approved"
+        assert data["counts"] == {
+            "dc1": {s.value: int(s.value == "approved") for s in models.TaskStatus}
+        }
+        assert "detail" not in data  # the table gets rows, not documents
+        ((_, _, detail),) = frames(drain(page.receive))
+        assert detail["detail"]["approval"]["approved_by"] == "bob"
+        assert detail["logs"]["replace"] is False
+        assert detail["logs"]["lines"] == [approved.logs[-1]]
+        assert drain(elsewhere.receive) == []
+
+
+async def test_resume_replays_exactly_what_was_missed() -> None:
+    hub, _, task = hub_with_task()
+    t = task
+    for rev in (11, 12, 13):
+        t = models.append_logs(t, [f"line {rev}"], now=T0)
+        hub.apply(task_change(t, rev))
+    with hub.subscribe(machine="dc1/sn-001", since=(11, 0)) as sub:
+        got = frames(sub.backlog)
+    assert [i for i, _, _ in got] == ["12-0", "13-0"]
+    assert [d["logs"]["lines"] for _, _, d in got] == [[t.logs[-2]], [t.logs[-1]]]
+    # Same revision delivered again (the watch after our own observe): not a new event.
+    hub.apply(task_change(t, 13))
+    assert hub.last_id == "13-0"
+
+
+async def test_a_ring_too_short_for_the_gap_means_reset() -> None:
+    hub, _, task = hub_with_task()
+    hub.ring_size = 2
+    t = task
+    for rev in (11, 12, 13):
+        t = models.append_logs(t, ["x"], now=T0)
+        hub.apply(task_change(t, rev))
+    with hub.subscribe(machine=None, since=(11, 0)) as sub:  # 12 and 13 still in the ring
+        assert [i for i, _, _ in frames(sub.backlog)] == ["12-0", "13-0"]
+    with hub.subscribe(machine=None, since=(10, 0)) as sub:  # 11 was evicted
+        assert [e for _, e, _ in frames(sub.backlog)] == ["reset"]
+
+
+async def test_a_slow_browser_is_cut_off_and_resumes_from_the_ring() -> None:
+    hub, _, task = hub_with_task()
+    hub.queue_size = 2
+    t = task
+    with hub.subscribe(machine=None, since=(10, 0)) as sub:
+        for rev in (11, 12, 13):
+            t = models.append_logs(t, ["x"], now=T0)
+            hub.apply(task_change(t, rev))
+        got = frames(drain(sub.receive))  # two queued frames, then end of stream
+        assert [i for i, _, _ in got] == ["11-0", "12-0"]
+        assert hub.subscribers == 0
+    with hub.subscribe(machine=None, since=parse_event_id(got[-1][0])) as again:
+        assert [i for i, _, _ in frames(again.backlog)] == ["13-0"]
+
+
+async def test_a_new_session_view_is_diffed_so_nothing_is_missed() -> None:
+    hub, _, task = hub_with_task()
+    other = new_task("sn-002", task_id="task-2")
+    k1, k2 = schema.task_key("dc1", "sn-001"), schema.task_key("dc1", "sn-002")
+    hub.apply(task_change(other, 11))
+    with hub.subscribe(machine=None, since=(11, 0)) as sub:
+        # While the session was down: sn-001 was approved, sn-002 deleted, an agent came up.
+        approved = models.approve(task, approved_by="bob", now=T0)
+        lease = schema.lease_key("dc1", "sn-001")
+        hub.attach(synced_view({k1: kv(k1, approved.to_json(), 15), lease: kv(lease, b"", 14)}, 20))
+        got = frames(drain(sub.receive))
+    assert [(i, e, d["key"]) for i, e, d in got] == [
+        ("20-0", "task", "dc1/sn-001"),
+        ("20-1", "agent", "dc1/sn-001"),
+        ("20-2", "deleted", "dc1/sn-002"),
+    ]
+    assert hub.machine("dc1", "sn-002") is None
+    assert k2 not in hub.machines
+    assert hub.counts_dict() == {
+        "dc1": {s.value: int(s.value == "approved") for s in models.TaskStatus}
+    }
+
+
+async def test_meta_and_lease_events_and_deletion() -> None:
+    hub, _, _ = hub_with_task()
+    meta_key = schema.meta_key("dc1", "sn-001")
+    meta = models.MachineMeta(
+        cpu_model="<b>cpu</b>", cpu_cores=4, memory_bytes=1 << 30, reported_at=T0
+    )
+    with (
+        hub.subscribe(machine="dc1/sn-001", since=(10, 0)) as page,
+        hub.subscribe(machine=None, since=(10, 0)) as table,
+    ):
+        hub.apply(Change(meta_key, kv(meta_key, meta.to_json(), 11), None, 11))
+        lease_key = schema.lease_key("dc1", "sn-001")
+        hub.apply(Change(lease_key, kv(lease_key, b"lease-1", 11), None, 11))
+        hub.apply(Change(lease_key, None, None, 12))
+        task_key = schema.task_key("dc1", "sn-001")
+        hub.apply(Change(task_key, None, None, 13))
+        page_events = frames(drain(page.receive))
+        table_events = frames(drain(table.receive))
+    assert [(i, e) for i, e, _ in page_events] == [
+        ("11-0", "meta"),
+        ("11-1", "agent"),
+        ("12-0", "agent"),
+        ("13-0", "deleted"),
+    ]
+    assert page_events[0][2]["meta"]["cpu_model"] == "<b>cpu</b>"  # JSON; the page uses text
+    assert [e for _, e, _ in table_events] == ["agent", "agent", "deleted"]
+    assert hub.counts_dict() == {}
+
+
+def test_log_delta() -> None:
+    t = new_task()
+    more = models.append_logs(t, ["a", "b"], now=T0)
+    d = log_delta(more, t)
+    assert (d["start"], d["replace"], d["end"]) == (1, False, 3)
+    assert d["lines"] == list(more.logs[1:])
+    assert log_delta(more, None)["replace"] is True
+    fresh = new_task(task_id="task-2")
+    assert log_delta(fresh, more)["replace"] is True  # a new task for the machine
+
+
+def test_current_step_prefers_the_latest_unfinished() -> None:
+    t = new_task()
+    t = models.approve(t, approved_by="x", now=T0)
+    t = models.record_progress(t, "partitioning", 100, now=T0 + timedelta(seconds=1))
+    t = models.record_progress(t, "base_system", 50, now=T0 + timedelta(seconds=2))
+    step = current_step(t.progress)
+    assert step is not None and step.step == "base_system"
+    t = models.record_progress(t, "base_system", 100, now=T0 + timedelta(seconds=3))
+    step = current_step(t.progress)
+    assert step is not None and (step.step, step.percent) == ("base_system", 100)
