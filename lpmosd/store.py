@@ -7,6 +7,7 @@ see them disagree. Roles call these methods; they never build etcd requests them
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -14,7 +15,7 @@ from datetime import datetime
 
 from lpmosd import models, schema
 from lpmosd.credentials import Enrolment
-from lpmosd.errors import ConflictError, InputError, NotFoundError
+from lpmosd.errors import ConflictError, InputError, NotFoundError, ValidationError
 from lpmosd.etcd import (
     Compare,
     EtcdClient,
@@ -33,6 +34,8 @@ from lpmosd.models import (
     Task,
     TaskStatus,
 )
+
+log = logging.getLogger("lpmosd.store")
 
 #: Statuses in which a task accepts its agent's credentials (enrolment secret, agent token).
 LIVE: frozenset[TaskStatus] = frozenset(TaskStatus) - TERMINAL
@@ -56,6 +59,23 @@ def new_task_id() -> str:
     return f"task-{secrets.token_hex(6)}"
 
 
+def load_task(kv: KeyValue, idc: str, sn: str) -> Task:
+    """The task document stored in ``kv``.
+
+    A document that is not a valid task (written by hand with etcdctl, by an old tool) is a
+    ConflictError naming ``sn``: the request is fine, the stored state is not, and the
+    operator can delete it. It must never pass for bad input (400) or crash a role.
+    """
+    try:
+        return Task.from_json(kv.value)
+    except ValidationError as exc:
+        raise ConflictError(
+            f"the stored task of {sn} in {idc} is not a valid task document "
+            f"({exc.message}); delete it and create the task again",
+            field="sn",
+        ) from None
+
+
 def lease_value(lease_id: int) -> str:
     """The value of a lease key, as the guide writes it: ``lease-<id>``."""
     return f"lease-{lease_id}"
@@ -70,6 +90,10 @@ def parse_lease_value(value: bytes) -> int | None:
         return int(text[len("lease-") :])
     except ValueError:
         return None
+
+
+def _bad_doc(kv: KeyValue, exc: ValidationError) -> dict[str, object]:
+    return {"key": kv.key.decode(errors="replace"), "error": exc.message, "field": exc.field}
 
 
 def hardware_summary(meta: MachineMeta) -> str:
@@ -104,7 +128,7 @@ class Store:
         kv = await self.client.get(schema.task_key(idc, sn))
         if kv is None:
             raise NotFoundError(f"no task for server {sn} in {idc}", field="sn")
-        return StoredTask(Task.from_json(kv.value), kv.mod_revision, kv)
+        return StoredTask(load_task(kv, idc, sn), kv.mod_revision, kv)
 
     async def get_meta(self, idc: str, sn: str) -> MachineMeta | None:
         """Hardware facts of ``sn`` when its agent has reported them."""
@@ -119,7 +143,11 @@ class Store:
     async def list_tasks(
         self, *, idc: str | None = None, status: TaskStatus | None = None
     ) -> list[Task]:
-        """Every task (of one IDC, or of all), optionally of one status, sorted by key."""
+        """Every task (of one IDC, or of all), optionally of one status, sorted by key.
+
+        Documents that are not valid tasks are logged and left out: one bad key must not
+        take the whole listing down.
+        """
         prefix = schema.machines_prefix(idc) if idc else schema.ROOT
         result = await self.client.get_prefix(prefix)
         tasks: list[Task] = []
@@ -127,15 +155,25 @@ class Store:
             parsed = schema.parse_key(kv.key.decode(errors="replace"))
             if parsed is None or parsed.kind != "task":
                 continue
-            task = Task.from_json(kv.value)
+            try:
+                task = Task.from_json(kv.value)
+            except ValidationError as exc:
+                log.warning("invalid task document skipped", extra=_bad_doc(kv, exc))
+                continue
             if status is None or task.status is status:
                 tasks.append(task)
         return tasks
 
     async def list_servers(self, idc: str) -> list[ServerEntry]:
-        """The IDC's server directory."""
+        """The IDC's server directory (invalid entries are logged and left out)."""
         result = await self.client.get_prefix(schema.servers_prefix(idc))
-        return [ServerEntry.from_json(kv.value) for kv in result.kvs]
+        servers: list[ServerEntry] = []
+        for kv in result.kvs:
+            try:
+                servers.append(ServerEntry.from_json(kv.value))
+            except ValidationError as exc:
+                log.warning("invalid server entry skipped", extra=_bad_doc(kv, exc))
+        return servers
 
     # --- writes ------------------------------------------------------------------------
 
@@ -165,7 +203,7 @@ class Store:
             return task
         old = await self.client.get(task_key)
         if old is not None:
-            current = Task.from_json(old.value)
+            current = load_task(old, req.idc, req.sn)
             if current.status not in TERMINAL:
                 raise ConflictError(
                     f"server {req.sn} in {req.idc} already has a {current.status} task "
@@ -213,7 +251,7 @@ class Store:
         def step(kv: KeyValue | None) -> Write | None:
             if kv is None:
                 raise NotFoundError(f"no task for server {sn} in {idc}", field="sn")
-            old = Task.from_json(kv.value)
+            old = load_task(kv, idc, sn)
             new = fn(old)
             result_task[:] = [new]
             if new is old:
@@ -353,16 +391,26 @@ class Store:
         return None if skipped[-1:] == [True] else stored
 
     async def delete_task(self, idc: str, sn: str) -> None:
-        """Delete a finished task with its server entry, meta and lease key (one Txn)."""
-        stored = await self.get_task(idc, sn)
-        if stored.task.status not in TERMINAL:
+        """Delete a finished task with its server entry, meta and lease key (one Txn).
+
+        A stored document that is not a valid task can be deleted too: that is how an
+        operator clears it.
+        """
+        kv = await self.client.get(schema.task_key(idc, sn))
+        if kv is None:
+            raise NotFoundError(f"no task for server {sn} in {idc}", field="sn")
+        try:
+            status: TaskStatus | None = Task.from_json(kv.value).status
+        except ValidationError:
+            status = None
+        if status is not None and status not in TERMINAL:
             raise ConflictError(
-                f"task of {sn} is {stored.task.status}; only completed, failed or cancelled "
+                f"task of {sn} is {status}; only completed, failed or cancelled "
                 "tasks can be deleted",
                 field="status",
             )
         r = await self.client.txn(
-            [Compare.mod_revision(schema.task_key(idc, sn), "==", stored.mod_revision)],
+            [Compare.mod_revision(schema.task_key(idc, sn), "==", kv.mod_revision)],
             [
                 delete(schema.server_key(idc, sn)),
                 delete(schema.machine_prefix(idc, sn), prefix=True),

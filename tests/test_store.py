@@ -371,3 +371,31 @@ async def test_log_line_count_cap(store: Store, client: EtcdClient) -> None:
 async def test_input_errors_are_lpmosd_errors(store: Store) -> None:
     with pytest.raises(InputError):
         await store.get_task(IDC, SN)
+
+
+# ------------------------------------------------------------ corrupt documents
+
+CORRUPT = b'{"status": "installing"}'  # e.g. a hand-written etcdctl put
+
+
+async def test_corrupt_task_document_is_contained(store: Store, client: EtcdClient) -> None:
+    """One unreadable task document must not break listings, must be refused (not
+    mistaken for bad input) by every operation, and must stay deletable."""
+    await drive_to(store, client, S.PENDING, sn="sn-good")
+    await client.put(schema.task_key(IDC, SN), CORRUPT)
+    await client.put(schema.server_key(IDC, SN), b"not json")
+    assert [t.sn for t in await store.list_tasks()] == ["sn-good"]
+    assert [s.sn for s in await store.list_servers(IDC)] == ["sn-good"]
+    before = await keyspace(client)
+    for op in ("approve", "cancel", "retry", "progress", "complete", "fail", "logs"):
+        with pytest.raises(ConflictError) as info:
+            await OPS[op](store)
+        assert info.value.field == "sn" and "not a valid task" in info.value.message, op
+    with pytest.raises(ConflictError):
+        await store.get_task(IDC, SN)
+    with pytest.raises(ConflictError):
+        await store.create_task(request(), actor="test")
+    assert await store.fail(IDC, SN, "x", actor="reaper") is None
+    assert await keyspace(client) == before
+    await store.delete_task(IDC, SN)
+    assert {k for k in await keyspace(client) if SN.encode() in k} == set()

@@ -19,10 +19,11 @@ import trio
 from lpmosd import schema
 from lpmosd._trio_util import open_nursery
 from lpmosd.config import ControlPlaneConfig
+from lpmosd.errors import EtcdError, InputError
 from lpmosd.etcd import Compare, EtcdClient, HeldLease
 from lpmosd.models import ACTIVE_AGENT, Task, TaskStatus
 from lpmosd.roles.session import SessionState, run_session, session_value
-from lpmosd.store import Store
+from lpmosd.store import Store, StoredTask
 from lpmosd.tokens import TokenStore
 from lpmosd.view import Change, PrefixView
 from lpmosd.web.server import serve_app
@@ -134,26 +135,50 @@ class ControlPlane:
 
     async def _reap(self, receive: trio.MemoryReceiveChannel[tuple[str, str, str]]) -> None:
         async for idc, sn, why in receive:
-            lease_key = schema.lease_key(idc, sn)
-            view = self.view
-            current = view.get(schema.task_key(idc, sn)) if view else None
-            stored = await self.store.fail(
-                idc,
-                sn,
-                HEARTBEAT_LOST,
-                actor="reaper",
-                only_if=ACTIVE_AGENT,
-                guards=[Compare.absent(lease_key)],
-                current=current,
-            )
+            stored = await self._reap_one(idc, sn)
             if stored is not None:
                 self.reaped += 1
+                view = self.view
                 if view is not None and stored.kv is not None:
                     view.observe(stored.kv)
                 log.warning(
                     "agent offline: task failed",
                     extra={"idc": idc, "sn": sn, "lease_key": why},
                 )
+
+    async def _reap_one(self, idc: str, sn: str) -> StoredTask | None:
+        """Fail one task whose agent's lease key vanished; None when it is left alone.
+
+        Never gives up on etcd errors (retried with backoff: a reap lost here would not
+        come back, as the delete event is consumed) and never dies of a bad document.
+        """
+        lease_key = schema.lease_key(idc, sn)
+        backoff = 0.05
+        while True:
+            view = self.view
+            current = view.get(schema.task_key(idc, sn)) if view else None
+            try:
+                return await self.store.fail(
+                    idc,
+                    sn,
+                    HEARTBEAT_LOST,
+                    actor="reaper",
+                    only_if=ACTIVE_AGENT,
+                    guards=[Compare.absent(lease_key)],
+                    current=current,
+                )
+            except InputError as exc:
+                log.error(
+                    "cannot reap: invalid task document",
+                    extra={"idc": idc, "sn": sn, "error": exc.message},
+                )
+                return None
+            except EtcdError as exc:
+                log.warning(
+                    "reap failed; retrying", extra={"idc": idc, "sn": sn, "error": str(exc)}
+                )
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
 
 
 def session_value_host() -> str:

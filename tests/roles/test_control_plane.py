@@ -146,3 +146,22 @@ async def test_installing_task_without_lease_at_start_is_reaped(
     await client.delete(schema.lease_key(IDC, "sn-001"))
     async with open_daemon(make_config(etcd.endpoints, roles=CP_ONLY)):
         await wait_status(store, "sn-001", S.FAILED)
+
+
+async def test_corrupt_task_document_does_not_kill_the_reaper(
+    etcd: EtcdProcess, store: Store, client: EtcdClient
+) -> None:
+    """A lease key vanishing under an unreadable task document (a hand-made etcdctl put)
+    is logged and skipped; the reaper, its session and the daemon carry on."""
+    async with open_daemon(make_config(etcd.endpoints, roles=CP_ONLY)) as daemon:
+        cp = daemon.control_plane
+        assert cp is not None
+        lease = await client.lease_grant(60)
+        await client.put(schema.task_key(IDC, "sn-bad"), b'{"status": "installing"}')
+        await client.put(schema.lease_key(IDC, "sn-bad"), f"lease-{lease.id}", lease=lease.id)
+        await setup_task(store, client, "sn-001", S.INSTALLING)
+        await client.delete(schema.lease_key(IDC, "sn-bad"))
+        await client.delete(schema.lease_key(IDC, "sn-001"))
+        await wait_status(store, "sn-001", S.FAILED)
+        assert cp.session.running and cp.session.restarts == 0
+        assert cp.reaped == 1
