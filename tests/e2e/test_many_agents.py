@@ -130,4 +130,14 @@ async def test_fifty_agents_install_concurrently(etcd: EtcdProcess) -> None:
         assert not [kv.key for kv in result.kvs if kv.key.endswith(b"/lease")]
         servers = await store.list_servers("dc1")
         assert {s.sn: s.status for s in servers} == dict.fromkeys(sns, TaskStatus.COMPLETED)
-        assert schema.parse_key(result.kvs[0].key) is not None
+        # ...and were written by the same Txn as their task, every time (batched or not).
+        server_revs = {
+            kv.key.decode().rsplit("/", 1)[1]: kv.mod_revision
+            for kv in (await client.get_prefix(schema.servers_prefix("dc1"))).kvs
+        }
+        task_revs = {
+            kv.key.decode().split("/")[4]: kv.mod_revision
+            for kv in result.kvs
+            if kv.key.endswith(b"/task")
+        }
+        assert server_revs == task_revs
