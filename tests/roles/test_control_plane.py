@@ -17,7 +17,7 @@ from lpmosd.config import ROLE_CONTROL_PLANE
 from lpmosd.etcd import EtcdClient, open_client
 from lpmosd.etcd_process import EtcdProcess
 from lpmosd.models import CreateTaskRequest, MachineMeta, TaskStatus, utcnow
-from lpmosd.roles.control_plane import HEARTBEAT_LOST
+from lpmosd.roles.control_plane import HEARTBEAT_LOST, SESSION_PREFIX, session_value_host
 from lpmosd.store import Store
 
 S = TaskStatus
@@ -165,3 +165,26 @@ async def test_corrupt_task_document_does_not_kill_the_reaper(
         await wait_status(store, "sn-001", S.FAILED)
         assert cp.session.running and cp.session.restarts == 0
         assert cp.reaped == 1
+
+
+async def test_reaper_works_across_a_session_restart(
+    etcd: EtcdProcess, store: Store, client: EtcdClient
+) -> None:
+    """The control plane's session lease revoked from outside: the session (view, reaper)
+    restarts with a fresh lease, and a lease lost after that is still reaped."""
+    async with open_daemon(make_config(etcd.endpoints, roles=CP_ONLY)) as daemon:
+        cp = daemon.control_plane
+        assert cp is not None and cp.session.lease is not None
+        old_lease, old_view = cp.session.lease.id, cp.view
+        kv = await client.get(SESSION_PREFIX + session_value_host())
+        assert kv is not None and kv.lease == old_lease
+        await client.lease_revoke(old_lease)
+        with trio.fail_after(10):
+            while not (cp.session.restarts == 1 and cp.session.running):  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        assert cp.session.lease is not None and cp.session.lease.id != old_lease
+        assert cp.view is not None and cp.view is not old_view
+        await setup_task(store, client, "sn-001", S.INSTALLING)
+        t0 = trio.current_time()
+        await client.delete(schema.lease_key(IDC, "sn-001"))
+        assert await wait_status(store, "sn-001", S.FAILED) - t0 < 1.0
