@@ -88,7 +88,13 @@ def register(
         "--enrollment-secret-file",
         type=Path,
         default=None,
-        help="file holding the enrollment secret, if the regional requires one",
+        help="file holding the task's enrollment secret (from the boot parameters)",
+    )
+    parser.add_argument(
+        "--ca-file",
+        type=Path,
+        default=None,
+        help="CA certificate(s) to verify an https:// regional with (default: system CAs)",
     )
     parser.add_argument(
         "--sysroot", type=Path, default=Path("/"), help="where /proc and /sys are (default /)"
@@ -183,8 +189,12 @@ def handle(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             log.error("cannot read the enrollment secret", extra={"error": str(exc)})
             return EXIT_ERROR
+    if args.ca_file is not None and not args.ca_file.is_file():
+        log.error("cannot read the CA file", extra={"path": str(args.ca_file)})
+        return EXIT_ERROR
     opts = AgentOptions(
         regional_url=args.regional_url,
+        ca_file=args.ca_file,
         sn=args.sn,
         mac=args.mac,
         enrollment_secret=secret,

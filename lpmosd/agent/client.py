@@ -23,8 +23,10 @@ from __future__ import annotations
 import logging
 import math
 import random
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
 from urllib.parse import quote
@@ -331,13 +333,19 @@ class AgentClient:
         retry: RetryPolicy | None = None,
         request_timeout: float = 10.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        ca_file: Path | None = None,
     ) -> None:
         self.sn = sn
         self.retry = retry or RetryPolicy()
+        # Certificates are always verified: against ``ca_file`` (a private CA) when given.
+        verify: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else True
+        )
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             timeout=request_timeout,
             transport=transport,
+            verify=verify,
             headers={"User-Agent": "lpmosd-agent"},
             follow_redirects=False,
         )

@@ -73,6 +73,8 @@ class AgentOptions:
     sn: str
     mac: str | None = None
     enrollment_secret: str | None = field(default=None, repr=False)
+    #: CA bundle that verifies an https:// regional (None: the system's CAs).
+    ca_file: Path | None = None
     sysroot: Path = Path("/")
     poll_interval: float = 2.0
     register_retry_interval: float = 10.0
@@ -414,6 +416,7 @@ async def run_agent(
         retry=opts.retry,
         request_timeout=opts.request_timeout,
         transport=opts.transport,
+        ca_file=opts.ca_file,
     ) as client:
         try:
             reg = await _register(client, opts, mac, facts)

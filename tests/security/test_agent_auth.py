@@ -178,7 +178,7 @@ async def test_rebooted_agent_reenrols_once_the_old_one_is_silent(world: World) 
     lease_kv = await world.client.get(schema.lease_key("dc1", "sn-a"))
     assert lease_kv is not None
     await world.client.lease_revoke(lease_kv.lease)
-    r, third = await register_agent(world.agent, sn="sn-a", mac=MAC, secret=secret)
+    r, _ = await register_agent(world.agent, sn="sn-a", mac=MAC, secret=secret)
     assert r.status_code == 200, r.text
 
 

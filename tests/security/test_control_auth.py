@@ -193,22 +193,24 @@ async def test_every_route_is_in_the_matrix(etcd: EtcdProcess, client: EtcdClien
     assert config is not None
     app = create_control_app(ControlPlane(config, client, Store(client)))
     known = {re.sub(r"\?.*", "", r.path) for r in ROUTES}
-    async with open_daemon(make_config(etcd.endpoints, roles=CP_ONLY)) as daemon:
-        async with httpx.AsyncClient(base_url=daemon.urls["control-plane"]) as http:
-            for rule in app.url_map.iter_rules():
-                if rule.rule in OPEN_RULES or rule.rule.startswith("/static/"):
-                    continue
-                path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", lambda m: SAMPLE[m.group(1)], rule.rule)
-                for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
-                    r = await http.request(method, path)
-                    if rule.rule.startswith("/api/"):
-                        assert path in known or _matches(path, known), f"{method} {rule.rule}"
-                        assert r.status_code == 401, (method, rule.rule, r.status_code)
-                    else:
-                        # A page: to the login page, or a 401/403, never content.
-                        assert r.status_code in (303, 401, 403), (method, rule.rule, r.text)
-                        if r.status_code == 303:
-                            assert r.headers["location"].startswith("/login?next="), rule.rule
+    async with (
+        open_daemon(make_config(etcd.endpoints, roles=CP_ONLY)) as daemon,
+        httpx.AsyncClient(base_url=daemon.urls["control-plane"]) as http,
+    ):
+        for rule in app.url_map.iter_rules():
+            if rule.rule in OPEN_RULES or rule.rule.startswith("/static/"):
+                continue
+            path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", lambda m: SAMPLE[m.group(1)], rule.rule)
+            for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+                r = await http.request(method, path)
+                if rule.rule.startswith("/api/"):
+                    assert path in known or _matches(path, known), f"{method} {rule.rule}"
+                    assert r.status_code == 401, (method, rule.rule, r.status_code)
+                else:
+                    # A page: to the login page, or a 401/403, never content.
+                    assert r.status_code in (303, 401, 403), (method, rule.rule, r.text)
+                    if r.status_code == 303:
+                        assert r.headers["location"].startswith("/login?next="), rule.rule
 
 
 SAMPLE = {"idc": "dc1", "sn": "sn-001", "name": "test-viewer", "action": "approve"}
