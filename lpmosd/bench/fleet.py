@@ -1,19 +1,22 @@
 """``lpmosd bench fleet``: how many concurrent installs one regional and one etcd carry.
 
 Set-up: a private etcd (or ``--endpoints``), and two ``lpmosd run`` processes, the control
-plane and the dc1 regional, so that each process's CPU and peak RSS can be read from /proc.
+plane and the regional of IDC ``bench-dc1``, so that each process's CPU and peak RSS can be read from /proc.
 N tasks are created and approved through :class:`~lpmosd.store.Store` (the operators' part
 is not what is measured). Then N simulated agents (:mod:`lpmosd.bench.agents`) each
 register, report ``--steps`` progress steps and complete, heart-beating meanwhile, through
 the regional's HTTP API, as fast as the regional answers (closed loop: each agent sends its
-next report when the previous one is answered).
+next report when the previous one is answered). Agents start over N/500 seconds (machines
+do not all boot in the same millisecond), each on its own HTTP/1.1 connection.
 
 Reported per fleet size: progress updates/s over the progress phase, the agent-seen p50/p99
 latency of a progress report, lost updates (every step of every task is checked in etcd at
 the end: each task must be completed with every step at 100 %), CPU (cores used over the
 run) and peak RSS of each process, and the raw etcd ceiling measured in the same run, just
 before the fleet (64 concurrent puts of 3 KiB, the faster of grpcio and lpmosd's client).
-Headline: fleet progress updates/s ÷ raw etcd puts/s.
+Headline: fleet progress updates/s ÷ raw etcd puts/s. With ``--profile`` the regional is
+sampled with py-spy and the share of its time per component is reported
+(:mod:`lpmosd.bench.profile`).
 
 Fleet sizes run one after the other, each against a fresh regional and control plane, with
 a ceiling measurement before each (so ceiling and fleet interleave: C F C F ...).
@@ -54,6 +57,7 @@ from lpmosd.bench.procs import (
     running,
     write_config,
 )
+from lpmosd.bench.profile import Sampler
 from lpmosd.bench.rawput import ceiling
 from lpmosd.etcd import EtcdClient
 from lpmosd.models import CreateTaskRequest, TaskStatus
@@ -140,8 +144,10 @@ async def run_size(
     hb: int,
     ceiling_s: float,
     workdir: Path,
+    profile_dir: Path | None = None,
+    ramp: float = 0.0,
 ) -> dict[str, Any]:
-    """One fleet size: ceiling, fresh processes, N agents, checks."""
+    """One fleet size: ceiling, fresh processes, N agents, checks (and a profile)."""
     await client.delete(schema.idc_prefix(IDC), prefix=True)
     raw = await ceiling(client, target.endpoints[0], ceiling_s)
     print(f"  raw etcd ceiling: {raw['rate']:.0f} puts/s ({raw['client']})")
@@ -165,13 +171,24 @@ async def run_size(
         cpu0 = {p.name: cpu_seconds(p.pid) for p in procs}
         if target.pid:
             cpu0["etcd"] = cpu_seconds(target.pid)
+        sampler = None
+        if profile_dir is not None:
+            sampler = Sampler(regional.pid, profile_dir / f"fleet-regional-{n}.collapsed.txt")
+            if not sampler.start():
+                sampler = None
         self0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
+        t0_trio = trio.current_time()
         async with trio.open_nursery() as nursery:
-            for a in agents:
+            # Machines do not all boot in the same millisecond: start the agents over
+            # ``ramp`` seconds (n / 500 by default), then let them run flat out.
+            for i, a in enumerate(agents):
                 nursery.start_soon(a.install, steps)
+                if ramp and i % 50 == 49:
+                    await trio.sleep_until(t0_trio + ramp * (i + 1) / n)
         wall = time.perf_counter() - t0
         self1 = resource.getrusage(resource.RUSAGE_SELF)
+        where = await trio.to_thread.run_sync(sampler.stop) if sampler is not None else {}
         metrics = await scrape_metrics(regional.port)
         cpu = {p.name: cpu_seconds(p.pid) - cpu0[p.name] for p in procs}
         rss = {p.name: peak_rss_mib(p.pid) for p in procs}
@@ -192,10 +209,12 @@ async def run_size(
     lat = latency_summary([lat for _, lat in stats.progress])
     series = _per_second(ends, sends[0] if sends else 0.0)
     lost = check["missing_steps"]
+    requests = sum(stats.statuses.values())
     result = {
         "agents": n,
         "steps": steps,
         "heartbeat_interval": hb,
+        "ramp_s": ramp,
         "wall_s": wall,
         "progress_acked": acked,
         "progress_expected": n * steps,
@@ -216,6 +235,9 @@ async def run_size(
         "ratio": rate / raw["rate"] if raw["rate"] else 0.0,
         "per_second": series,
         "regional_metrics": metrics,
+        "api_requests": requests,
+        "regional_cpu_ms_per_request": 1e3 * cpu["regional-dc1"] / requests if requests else 0.0,
+        "regional_profile": where,
     }
     print(
         f"  {n} agents: {rate:.0f} progress updates/s, p50 {lat['p50_ms']:.1f} ms, "
@@ -268,6 +290,7 @@ async def run(
     steps: int = 20,
     heartbeat: int | None = None,
     ceiling_seconds: float | None = None,
+    profile: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark; returns the results written to JSON."""
     sizes = sizes or ([100] if opts.quick else [100, 1000, 5000])
@@ -294,6 +317,7 @@ async def run(
                 f"{r['lost_updates']} of {r['progress_expected']}",
                 f"{r['raw_ceiling']['rate']:.0f}",
                 f"{r['ratio']:.2f}",
+                f"{r['regional_cpu_ms_per_request']:.2f}",
                 " / ".join(f"{cores.get(k, 0):.2f}" for k in _PROCS),
                 " / ".join(f"{rss.get(k, 0):.0f}" for k in _PROCS),
             ]
@@ -307,6 +331,7 @@ async def run(
             "lost updates",
             "raw etcd puts/s",
             "fleet ÷ raw",
+            "regional CPU ms/request",
             "CPU cores: " + " / ".join(_PROCS),
             "peak RSS MiB: " + " / ".join(_PROCS),
         ],
@@ -314,6 +339,11 @@ async def run(
     )
     print()
     print(md)
+    for r in results:
+        if r["regional_profile"]:
+            print(f"where the regional's time goes ({r['agents']} agents, py-spy samples):")
+            for name, pct in r["regional_profile"].items():
+                print(f"  {pct:5.1f}%  {name}")
     out: dict[str, Any] = {
         "benchmark": NAME,
         "quick": opts.quick,
@@ -375,11 +405,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--steps", type=int, default=20, help="progress steps per agent")
     p.add_argument("--heartbeat", type=int, help="heartbeat interval s (default 10; quick 2)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample the regional with py-spy and report where its time goes",
+    )
     p.set_defaults(
         bench=lambda o, a: run(
             o,
             sizes=[int(x) for x in a.agents.split(",")] if a.agents else None,
             steps=a.steps,
             heartbeat=a.heartbeat,
+            profile=a.profile,
         )
     )
