@@ -14,13 +14,20 @@ _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) 
     "asctime",
     "taskName",
 }
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# C0 and C1 controls (tab kept; newlines are escaped below), line/paragraph separators and
+# lone surrogates (unencodable: the handler would drop the whole line).
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+_NEWLINES = re.compile("[\n\r\u2028\u2029]")
 
 
 def _clean(value: Any) -> Any:
-    # Log lines carry agent- and user-supplied text: strip control characters so nobody
-    # can forge log lines or terminal escapes.
-    return _CONTROL.sub("", value) if isinstance(value, str) else value
+    # Log lines carry agent- and user-supplied text: strip control characters and escape
+    # line breaks, so nobody can forge log lines or send terminal escapes (text format;
+    # JSON escapes them anyway).
+    if not isinstance(value, str):
+        return value
+    value = _CONTROL.sub("", value)
+    return _NEWLINES.sub(lambda m: repr(m.group())[1:-1], value)
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:

@@ -315,10 +315,16 @@ def create_agent_app(rg: Regional) -> QuartTrio:
         record = AgentToken.from_json(token_kv.value)
         try:
             task_kv = await ensure_task(view, sn)
+            assert task_kv is not None
+            task = rg.writer.task_of(task_kv)
+            if task.task_id != record.task_id or task.status not in LIVE:
+                # The cache may lag (the task was re-created or retried a moment ago):
+                # refuse only on etcd's word.
+                fresh = await store.get_task(idc, sn)
+                task, task_kv = fresh.task, fresh.kv
         except NotFoundError:
             raise _refuse("ended", "the task of this agent token is gone") from None
         assert task_kv is not None
-        task = rg.writer.task_of(task_kv)
         if task.task_id != record.task_id:
             raise _refuse("ended", "the task of this agent token is gone")
         if task.status not in LIVE:

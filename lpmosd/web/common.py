@@ -21,6 +21,7 @@ from lpmosd.errors import (
     ValidationError,
 )
 from lpmosd.metrics import REGISTRY
+from lpmosd.web.server import MAX_HEADER_BYTES
 
 log = logging.getLogger("lpmosd.http")
 
@@ -127,6 +128,19 @@ def install_common(
     /healthz and /readyz are always open: they say only whether the role is up.
     """
     app.config["MAX_CONTENT_LENGTH"] = max_body
+    # "//" in a path is a 404 like any other unknown path, not a redirect to a merged path.
+    app.url_map.merge_slashes = False
+
+    @app.before_request
+    async def _header_limit() -> Response | None:
+        # hypercorn caps a header block only while it is incomplete; one that arrives in a
+        # single read (up to 64 KiB) gets through, so check the total here as well.
+        scope = request.scope
+        size = len(scope.get("raw_path", b"")) + len(scope.get("query_string", b""))
+        size += sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ()))
+        if size > MAX_HEADER_BYTES:
+            return error_response(431, f"request line and headers over {MAX_HEADER_BYTES} bytes")
+        return None
 
     @app.errorhandler(InputError)
     async def _input_error(exc: InputError) -> Response:
