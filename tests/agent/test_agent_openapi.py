@@ -364,6 +364,7 @@ async def _run_recorded(
         regional_url="http://regional:8081",
         sn="sn-001",
         mac=mac,
+        enrollment_secret="lpe_secret-from-the-boot-parameters",
         facts=facts,
         transport=httpx.MockTransport(recording),
         poll_interval=0.02,
