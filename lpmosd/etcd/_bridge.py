@@ -88,11 +88,35 @@ class AmbiguousError(EtcdUnavailableError):
     """The connection failed after the request was sent: it may or may not have applied."""
 
 
+class StreamOverflowError(EtcdUnavailableError):
+    """A stream's consumer fell behind its buffer: reopen it (the member is fine)."""
+
+
+def _is_endpoint_failure(exc: BaseException | None) -> bool:
+    return isinstance(exc, EtcdUnavailableError) and not isinstance(exc, StreamOverflowError)
+
+
 # --- error mapping -----------------------------------------------------------------------
 
 
 def _is_compacted(message: str) -> bool:
     return "compacted" in message
+
+
+# etcd reports several credential problems as INVALID_ARGUMENT or FAILED_PRECONDITION
+# (rpctypes: ErrGRPCAuthFailed, ErrGRPCUserEmpty, ErrGRPCUserNotFound, ...): by message.
+_AUTH_MESSAGES = (
+    "authentication failed",
+    "user name is empty",
+    "user name not found",
+    "invalid auth token",
+    "permission denied",
+    "authentication is not enabled",
+    "revision of auth store is old",
+    "role is not granted",
+)
+# The refusals that a fresh token may cure.
+_TOKEN_MESSAGES = ("invalid auth token", "revision of auth store is old")
 
 
 def map_error(exc: BaseException, *, sent: bool = False) -> EtcdError:
@@ -106,7 +130,9 @@ def map_error(exc: BaseException, *, sent: bool = False) -> EtcdError:
     if isinstance(exc, grpclib.exceptions.GRPCError):
         msg = exc.message or exc.status.name
         status = exc.status
-        if status in (_Status.UNAUTHENTICATED, _Status.PERMISSION_DENIED):
+        if status in (_Status.UNAUTHENTICATED, _Status.PERMISSION_DENIED) or any(
+            m in msg for m in _AUTH_MESSAGES
+        ):
             return EtcdAuthError(msg)
         if status is _Status.OUT_OF_RANGE and _is_compacted(msg):
             return CompactedError(msg, 0)
@@ -133,7 +159,8 @@ def is_auth_expired(exc: EtcdError) -> bool:
     """True for the errors that a fresh auth token may cure."""
     text = str(exc)
     return isinstance(exc, EtcdAuthError) and (
-        "invalid auth token" in text or ("token" in text.lower() and "expired" in text.lower())
+        any(m in text for m in _TOKEN_MESSAGES)
+        or ("token" in text.lower() and "expired" in text.lower())
     )
 
 
@@ -210,6 +237,26 @@ class Transport:
             chan.close()
         self._channels.clear()
 
+    async def aclose(self) -> None:
+        """Close every channel and let asyncio finish closing the sockets.
+
+        A transport's ``close()`` only schedules the socket's closing on the asyncio loop
+        (and TLS waits for the peer's close_notify): if the loop ends first — as it does
+        when ``open_client`` opened it — the socket leaks. So abort the transports and
+        give the loop a few turns, bounded and shielded.
+        """
+        transports: list[asyncio.BaseTransport] = []
+        for chan in self._channels.values():
+            connection = getattr(chan._protocol, "connection", None)
+            transport = getattr(connection, "_transport", None)
+            if isinstance(transport, asyncio.BaseTransport):
+                transports.append(transport)
+        self.close()
+        if not transports:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await trio_asyncio.aio_as_trio(_abort_transports)(transports)
+
     async def unary(
         self,
         route: str,
@@ -235,6 +282,14 @@ class Transport:
             if isinstance(err, EtcdUnavailableError):
                 self.failover(index)
             raise err from None
+        finally:
+            self._close_if_retired(index, chan)
+
+    def _close_if_retired(self, index: int, chan: grpclib.client.Channel) -> None:
+        # Another call may have failed over (and closed) this channel while ours was
+        # connecting through it: grpclib then reconnects a channel nobody will close.
+        if self._channels.get(index) is not chan:
+            chan.close()
 
     @contextlib.asynccontextmanager
     async def open_stream(
@@ -246,18 +301,40 @@ class Transport:
         metadata: Sequence[tuple[str, str]] | None = None,
         capacity: int = 1024,
     ) -> AsyncIterator[BidiStream[ReqT, RepT]]:
-        """Open a bidirectional stream on the current endpoint, for the body's duration."""
+        """Open a bidirectional stream on the current endpoint, for the body's duration.
+
+        If the stream breaks, or the body leaves with :class:`EtcdUnavailableError` (e.g. a
+        watch that etcd cancelled for want of a leader), the endpoint is failed over so
+        the caller's next stream goes to another member.
+        """
         index = self.current
         stream: BidiStream[ReqT, RepT] = BidiStream(capacity)
         chan = self._channel(index)
-        async with open_nursery() as nursery:
-            nursery.start_soon(_run_pump, chan, route, request_type, reply_type, metadata, stream)
-            try:
-                yield stream
-            finally:
-                nursery.cancel_scope.cancel()
-        if isinstance(stream.error, EtcdUnavailableError):
-            self.failover(index)
+        failed = False
+        try:
+            async with open_nursery() as nursery:
+                nursery.start_soon(
+                    _run_pump, chan, route, request_type, reply_type, metadata, stream
+                )
+                try:
+                    yield stream
+                except EtcdUnavailableError as exc:
+                    failed = _is_endpoint_failure(exc)
+                    raise
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            if failed or _is_endpoint_failure(stream.error):
+                self.failover(index)
+            self._close_if_retired(index, chan)
+
+
+async def _abort_transports(transports: list[asyncio.BaseTransport]) -> None:
+    for transport in transports:
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.abort()
+    for _ in range(3):  # abort() closes the socket from a call_soon callback
+        await asyncio.sleep(0)
 
 
 async def _unary_call(
@@ -326,7 +403,7 @@ class BidiStream(Generic[ReqT, RepT]):
         try:
             self._send.send_nowait(reply)
         except trio.WouldBlock:
-            self._finish(EtcdUnavailableError("stream consumer fell behind; reopening"))
+            self._finish(StreamOverflowError("stream consumer fell behind; reopening"))
             return False
         except trio.ClosedResourceError:
             return False
@@ -335,6 +412,10 @@ class BidiStream(Generic[ReqT, RepT]):
     def _finish(self, error: EtcdError) -> None:
         if self.error is None:
             self.error = error
+        self._send.close()
+
+    def _close(self) -> None:
+        """End the stream without an error of its own (we closed it)."""
         self._send.close()
 
 
@@ -351,7 +432,7 @@ async def _run_pump(
             chan, route, request_type, reply_type, metadata, stream
         )
     finally:
-        stream._finish(EtcdUnavailableError("stream closed"))
+        stream._close()
 
 
 async def _pump(
@@ -412,5 +493,25 @@ async def ensure_loop() -> AsyncIterator[None]:
     if trio_asyncio.current_loop.get(None) is not None:
         yield
         return
-    async with trio_asyncio.open_loop():
-        yield
+    try:
+        async with trio_asyncio.open_loop():
+            yield
+    except BaseExceptionGroup as group:
+        # trio-asyncio's nurseries wrap whatever leaves the body (our errors, the caller's
+        # own) in ExceptionGroups: hand the caller the error itself, as open_nursery does.
+        chosen, several = _single_error(group)
+        raise chosen from (group if several else None)
+
+
+def _single_error(group: BaseExceptionGroup[BaseException]) -> tuple[BaseException, bool]:
+    """The first non-Cancelled leaf of ``group``; and whether there were several."""
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(reversed(exc.exceptions))
+        else:
+            leaves.append(exc)
+    real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    return (real or leaves)[0], len(real) > 1

@@ -31,7 +31,7 @@ from lpmosd.etcd.txn import (
     Get,
     Op,
     Put,
-    prefix_end,
+    key_range,
     to_bytes,
 )
 from lpmosd.etcd.types import (
@@ -274,8 +274,7 @@ class EtcdClient:
         serializable: bool = False,
     ) -> RangeResult:
         """Read a key, a prefix, or ``[key, range_end)``."""
-        k = to_bytes(key)
-        end = prefix_end(k) if prefix else (range_end or b"")
+        k, end = key_range(key, prefix=True) if prefix else (to_bytes(key), range_end or b"")
         req = pb.RangeRequest(
             key=k,
             range_end=end,
@@ -295,8 +294,7 @@ class EtcdClient:
 
     async def get_prefix(self, prefix: str | bytes, *, page: int = 1000) -> RangeResult:
         """Every key under ``prefix`` at one consistent revision, read in pages."""
-        k = to_bytes(prefix)
-        end = prefix_end(k)
+        k, end = key_range(prefix, prefix=True)
         first = await self.range(k, range_end=end, limit=page)
         kvs, rev, more = list(first.kvs), first.revision, first.more
         while more:
@@ -320,10 +318,8 @@ class EtcdClient:
         self, key: str | bytes, *, prefix: bool = False, prev_kv: bool = False
     ) -> DeleteResult:
         """Delete a key, or every key under a prefix."""
-        k = to_bytes(key)
-        req = pb.DeleteRangeRequest(
-            key=k, range_end=prefix_end(k) if prefix else b"", prev_kv=prev_kv
-        )
+        k, end = key_range(key, prefix=prefix)
+        req = pb.DeleteRangeRequest(key=k, range_end=end, prev_kv=prev_kv)
         reply = await self._call(
             "/etcdserverpb.KV/DeleteRange", req, pb.DeleteRangeResponse, idempotent=False
         )
@@ -683,4 +679,4 @@ async def open_client(
                     nursery.cancel_scope.cancel()
         finally:
             client._keepalive = None
-            transport.close()
+            await transport.aclose()

@@ -28,6 +28,18 @@ def prefix_end(prefix: bytes) -> bytes:
     return b"\0"  # every key
 
 
+def key_range(key: str | bytes, *, prefix: bool) -> tuple[bytes, bytes]:
+    """``(key, range_end)`` for one key, or with ``prefix`` for every key under it.
+
+    The empty prefix means every key: etcd wants ``key=b"\\0"`` for that (an empty key is
+    refused as "key is not provided").
+    """
+    k = to_bytes(key)
+    if not prefix:
+        return k, b""
+    return (k or b"\0"), prefix_end(k)
+
+
 @dataclass(frozen=True, slots=True)
 class Compare:
     """One guard of a transaction: ``target(key) operator value``."""
@@ -107,11 +119,9 @@ def put(key: str | bytes, value: str | bytes, *, lease: int = 0, prev_kv: bool =
 
 def delete(key: str | bytes, *, prefix: bool = False, prev_kv: bool = False) -> Delete:
     """A delete operation; ``prefix`` deletes every key starting with ``key``."""
-    k = to_bytes(key)
-    return Delete(k, prefix_end(k) if prefix else b"", prev_kv)
+    return Delete(*key_range(key, prefix=prefix), prev_kv)
 
 
 def get(key: str | bytes, *, prefix: bool = False, keys_only: bool = False, limit: int = 0) -> Get:
     """A range (read) operation; ``prefix`` reads every key starting with ``key``."""
-    k = to_bytes(key)
-    return Get(k, prefix_end(k) if prefix else b"", keys_only, limit)
+    return Get(*key_range(key, prefix=prefix), keys_only, limit)

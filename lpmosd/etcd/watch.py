@@ -74,8 +74,12 @@ class _Watcher:
     async def run(self, task_status: trio.TaskStatus[None]) -> None:
         started = False
         backoff = 0.05
+        # Re-authenticated since the watch was last created: a second auth refusal in a
+        # row is a real one (etcd 3.4 says "permission denied" for expired tokens too).
+        reauthenticated = False
         async with self.send:
             while True:
+                generation = self.client.token_generation
                 try:
                     async with self.client.open_stream(
                         _ROUTE, pb.WatchRequest, pb.WatchResponse, _HASLEADER
@@ -83,22 +87,38 @@ class _Watcher:
                         stream.send(self._create_request())
                         while True:
                             reply = await stream.receive()
-                            if not started and reply.created:
+                            created = reply.created and not reply.canceled
+                            if created and not started:
+                                # Only now is "from now" fixed; the caller may write.
                                 started = True
                                 task_status.started()
                             if await self._handle(reply):
                                 return
+                            if created:
+                                reauthenticated = False
                             backoff = 0.05
-                except EtcdAuthError:
-                    await self.client.authenticate(self.client.token_generation)
+                except EtcdAuthError as exc:
+                    if reauthenticated or self.client._auth is None:
+                        await self._fail(exc, started)
+                        return
+                    reauthenticated = True
+                    await self.client.authenticate(generation)
+                    continue
                 except EtcdUnavailableError:
                     pass
                 except EtcdError as exc:
-                    await self.send.send(exc)
+                    await self._fail(exc, started)
                     return
                 metrics.WATCH_RECONNECTS.inc()
                 await trio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, 2.0)
+
+    async def _fail(self, exc: EtcdError, started: bool) -> None:
+        """End the watch with ``exc``: raised by ``watch()`` itself before the watch was
+        created, else by the stream's iteration."""
+        if not started:
+            raise exc
+        await self.send.send(exc)
 
     def _create_request(self) -> pb.WatchRequest:
         return pb.WatchRequest(
