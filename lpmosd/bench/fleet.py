@@ -1,7 +1,8 @@
 """``lpmosd bench fleet``: how many concurrent installs one regional and one etcd carry.
 
 Set-up: a private etcd (or ``--endpoints``), and two ``lpmosd run`` processes, the control
-plane and the regional of IDC ``bench-dc1``, so that each process's CPU and peak RSS can be read from /proc.
+plane and the regional of IDC ``bench-dc1``, so that each process's CPU and peak RSS can be
+read from /proc.
 N tasks are created and approved through :class:`~lpmosd.store.Store` (the operators' part
 is not what is measured). Then N simulated agents (:mod:`lpmosd.bench.agents`) each
 register, report ``--steps`` progress steps and complete, heart-beating meanwhile, through
@@ -302,7 +303,11 @@ async def run(
             print(header("fleet: simulated agents through the regional API", opts, target))
             print(f"sizes {sizes}; {steps} progress steps per agent; heartbeat every {hb} s")
             for n in sizes:
-                results.append(await run_size(client, target, n, steps, hb, ceiling_s, Path(tmp)))
+                prof = opts.results_dir if profile else None
+                ramp = n / 500
+                results.append(
+                    await run_size(client, target, n, steps, hb, ceiling_s, Path(tmp), prof, ramp)
+                )
     rows = []
     for r in results:
         lat = r["progress_latency"]

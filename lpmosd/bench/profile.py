@@ -71,6 +71,7 @@ class Sampler:
             print("(py-spy is not installed: no profile; pip install py-spy)", file=sys.stderr)
             return False
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        log = self.out.with_suffix(".py-spy.log").open("wb")
         self.proc = subprocess.Popen(
             [
                 exe,
@@ -87,9 +88,10 @@ class Sampler:
                 str(self.out),
             ],
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
+        log.close()
         return True
 
     def stop(self) -> dict[str, float]:
