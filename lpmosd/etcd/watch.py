@@ -20,6 +20,7 @@ from lpmosd.etcd.types import EventType, KeyValue, WatchBatch, WatchEvent
 _ROUTE = "/etcdserverpb.Watch/Watch"
 # A watch on a member cut off from the leader is cancelled instead of going silent.
 _HASLEADER = ("hasleader", "true")
+_FROM_NOW = -1
 
 
 class WatchStream:
@@ -68,8 +69,9 @@ class _Watcher:
         self.range_end = range_end
         self.prev_kv = prev_kv
         self.send = send
-        # Everything at or below `applied` has been delivered; 0: start "now".
-        self.applied = start_revision - 1 if start_revision > 0 else 0
+        # Everything at or below `applied` has been delivered; -1: start "now" (fixed by
+        # etcd's creation response). start_revision=1 (all history) gives applied=0.
+        self.applied = start_revision - 1 if start_revision > 0 else _FROM_NOW
 
     async def run(self, task_status: trio.TaskStatus[None]) -> None:
         started = False
@@ -125,7 +127,7 @@ class _Watcher:
             create_request=pb.WatchCreateRequest(
                 key=self.key,
                 range_end=self.range_end,
-                start_revision=self.applied + 1 if self.applied else 0,
+                start_revision=self.applied + 1 if self.applied != _FROM_NOW else 0,
                 progress_notify=True,
                 prev_kv=self.prev_kv,
             )
@@ -149,7 +151,7 @@ class _Watcher:
                 raise EtcdAuthError(reason)
             raise EtcdUnavailableError(reason)
         if reply.created:
-            if not self.applied:
+            if self.applied == _FROM_NOW:
                 # Watching "from now": the creation revision is where we stand.
                 self.applied = header_rev
                 await self.send.send(WatchBatch(header_rev, []))

@@ -59,6 +59,8 @@ class TcpProxy:
         self._frozen = trio.Event()
         self._frozen.set()  # set == flowing
         self._scopes: set[trio.CancelScope] = set()
+        self._responses = trio.Event()
+        self._responses.set()  # set == flowing
 
     @property
     def endpoint(self) -> str:
@@ -75,15 +77,26 @@ class TcpProxy:
         """Stop forwarding bytes (connections stay open) until :meth:`heal`."""
         self._frozen = trio.Event()
 
+    def hold_responses(self) -> None:
+        """Forward requests to etcd but hold its answers back until :meth:`heal` or :meth:`cut`.
+
+        With a cut after that, the client's request was applied but its answer is lost:
+        the ambiguous outcome of a write.
+        """
+        self._responses = trio.Event()
+
     def heal(self) -> None:
         """Accept and forward again."""
         self._blocked = False
         self._frozen.set()
+        self._responses.set()
 
-    async def _pipe(self, src: trio.SocketStream, dst: trio.SocketStream) -> None:
+    async def _pipe(self, src: trio.SocketStream, dst: trio.SocketStream, answers: bool) -> None:
         while True:
             data = await src.receive_some(65536)
             await self._frozen.wait()
+            if answers:
+                await self._responses.wait()
             if not data:
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await dst.send_eof()
@@ -103,8 +116,8 @@ class TcpProxy:
                 self._scopes.add(scope)
                 try:
                     async with upstream, trio.open_nursery() as nursery:
-                        nursery.start_soon(self._pipe, conn, upstream)
-                        nursery.start_soon(self._pipe, upstream, conn)
+                        nursery.start_soon(self._pipe, conn, upstream, False)
+                        nursery.start_soon(self._pipe, upstream, conn, True)
                 except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
                 finally:

@@ -8,11 +8,11 @@ import pytest
 import trio
 
 from lpmosd import metrics
-from lpmosd.errors import ContentionError
-from lpmosd.etcd import EtcdClient, KeyValue, Write, open_client, put
+from lpmosd.errors import ContentionError, EtcdUnavailableError
+from lpmosd.etcd import EtcdClient, KeyValue, UpdateResult, Write, open_client, put
 from lpmosd.etcd_process import EtcdProcess
 
-from .helpers import assert_our_error
+from .helpers import ProxyFactory, assert_our_error
 
 
 def _append(item: str):  # type: ignore[no-untyped-def]
@@ -167,3 +167,61 @@ async def test_write_also_runs_in_same_txn_and_keeps_lease(client: EtcdClient) -
     assert doc is not None and idx is not None
     assert doc.mod_revision == idx.mod_revision == r.revision
     assert doc.lease == lease.id  # the update does not detach the key from its lease
+
+
+@pytest.mark.parametrize("exists", [True, False], ids=["update", "create"])
+async def test_ambiguous_outcome_settled_by_rereading(
+    etcd: EtcdProcess, client2: EtcdClient, proxy_factory: ProxyFactory, exists: bool
+) -> None:
+    """The CAS reaches etcd but its answer is lost: atomic_update re-reads and sees its
+    own write instead of appending twice; a plain put raises instead of retrying."""
+    proxy = await proxy_factory(etcd.client_port)
+    if exists:
+        await client2.put("amb", json.dumps(["a"]))
+    async with open_client([proxy.endpoint]) as c, trio.open_nursery() as nursery:
+        await c.get("amb")  # connected
+        result: list[object] = []
+
+        hint = await client2.get("amb")  # so the first thing sent is the Txn itself
+
+        async def update() -> None:
+            r = await c.atomic_update("amb", _append("b"), current=hint, known_absent=not exists)
+            result.append(r)
+
+        proxy.hold_responses()
+        nursery.start_soon(update)
+        with trio.fail_after(5):  # the Txn is applied...
+            while (kv := await client2.get("amb")) is None or b'"b"' not in kv.value:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        proxy.cut()  # ...and its answer lost with the connection
+        proxy.heal()
+    (r,) = result
+    assert isinstance(r, UpdateResult) and r.changed
+    kv = await client2.get("amb")
+    assert kv is not None
+    assert json.loads(kv.value) == (["a", "b"] if exists else ["b"])
+    assert r.revision == kv.mod_revision
+
+    # A plain put in the same situation is not retried blindly: the caller is told.
+    async with open_client([proxy.endpoint]) as c:
+        await c.get("amb")
+        proxy.hold_responses()
+        failures: list[BaseException] = []
+
+        async def put_once() -> None:
+            try:
+                await c.put("amb/put", "once")
+            except EtcdUnavailableError as exc:
+                failures.append(exc)
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(put_once)
+                while await client2.get("amb/put") is None:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+                proxy.cut()
+                proxy.heal()
+        assert len(failures) == 1
+        assert_our_error(failures[0])
+    kv = await client2.get("amb/put")
+    assert kv is not None and kv.version == 1

@@ -125,6 +125,20 @@ async def test_watch_from_start_revision_replays_history(client: EtcdClient) -> 
     )
 
 
+async def test_watch_from_revision_1_replays_all_history(private_etcd: EtcdProcess) -> None:
+    async with open_client(private_etcd.endpoints) as c:
+        expected = [
+            (f"all/{i}".encode(), (await c.put(f"all/{i}", "v")).revision) for i in range(3)
+        ]
+        assert expected[0][1] == 2  # a fresh etcd starts at revision 1
+        async with watch(c, "all/", start_revision=1) as stream:
+            got: list[WatchEvent] = []
+            with trio.fail_after(5):
+                while len(got) < 3:
+                    got.extend((await stream.__anext__()).events)
+    assert_exactly_once_in_order(got, expected)
+
+
 async def test_txn_events_arrive_in_one_batch(client: EtcdClient) -> None:
     from lpmosd.etcd import put
 
