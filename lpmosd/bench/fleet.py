@@ -17,7 +17,8 @@ run) and peak RSS of each process, and the raw etcd ceiling measured in the same
 before the fleet (64 concurrent puts of 3 KiB, the faster of grpcio and lpmosd's client).
 Headline: fleet progress updates/s ÷ raw etcd puts/s. With ``--profile`` the regional is
 sampled with py-spy and the share of its time per component is reported
-(:mod:`lpmosd.bench.profile`).
+(:mod:`lpmosd.bench.profile`; raw stacks in ``bench-results/raw/``). With the environment
+variable ``LPMOSD_BENCH_KEEP=<dir>`` the daemons' configs and logs are kept in ``<dir>``.
 
 Fleet sizes run one after the other, each against a fresh regional and control plane, with
 a ceiling measurement before each (so ceiling and fleet interleave: C F C F ...).
@@ -26,6 +27,8 @@ a ceiling measurement before each (so ceiling and fleet interleave: C F C F ...)
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import resource
 import tempfile
 import time
@@ -298,12 +301,17 @@ async def run(
     hb = heartbeat or (2 if opts.quick else 10)
     ceiling_s = ceiling_seconds or (2.0 if opts.quick else 4.0)
     results: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="lpmosd-bench-fleet-") as tmp:
+    keep = os.environ.get("LPMOSD_BENCH_KEEP")  # a directory: keep the daemons' logs there
+    with (
+        contextlib.nullcontext(keep)
+        if keep
+        else tempfile.TemporaryDirectory(prefix="lpmosd-bench-fleet-")
+    ) as tmp:
         async with etcd_target(opts) as target, bench_client(target) as client:
             print(header("fleet: simulated agents through the regional API", opts, target))
             print(f"sizes {sizes}; {steps} progress steps per agent; heartbeat every {hb} s")
             for n in sizes:
-                prof = opts.results_dir if profile else None
+                prof = opts.results_dir / "raw" if profile else None
                 ramp = n / 500
                 results.append(
                     await run_size(client, target, n, steps, hb, ceiling_s, Path(tmp), prof, ramp)

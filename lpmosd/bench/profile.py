@@ -2,7 +2,7 @@
 
 ``lpmosd bench fleet --profile`` samples the regional with py-spy (``pip install
 py-spy``; it needs ptrace rights, e.g. root) while the agents run, keeps the raw collapsed
-stacks next to the JSON results and reports the share of samples per component. Each
+stacks in ``bench-results/raw/`` and reports the share of samples per component. Each
 sample is charged to the innermost frame that belongs to a component; time in Trio's
 socket and scheduler code is charged to the component that called it.
 """
