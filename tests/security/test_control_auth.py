@@ -9,6 +9,7 @@ it needs must get past authentication. A route added without a role check fails
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -447,3 +448,31 @@ async def test_retry_and_reissue_return_a_new_secret(world: World, store: Store)
     r = await world.http.post("/api/v1/tasks/dc1/sn-003/enrollment", json={}, headers=op)
     assert r.status_code == 409
     assert (await store.get_task("dc1", "sn-003")).task.status is TaskStatus.CANCELLED
+
+
+# ----------------------------------------------------------------- ops endpoints
+
+
+async def test_ops_endpoints_open_and_metrics_switch(etcd: EtcdProcess, client: EtcdClient) -> None:
+    """/healthz and /readyz are open (they say only whether a role is up); /metrics is open
+    by default (an ops network scrapes it) and behind a viewer token, or not served on the
+    agent port, with metrics_public = false."""
+    viewer = await create_token(client, Role.VIEWER)
+    config = make_config(etcd.endpoints)
+    async with open_daemon(config) as daemon, httpx.AsyncClient() as http:
+        for url in daemon.urls.values():
+            for path in ("/healthz", "/readyz", "/metrics"):
+                assert (await http.get(url + path)).status_code == 200, (url, path)
+    assert config.control_plane is not None and config.regional is not None
+    closed = dataclasses.replace(
+        config,
+        control_plane=dataclasses.replace(config.control_plane, metrics_public=False),
+        regional=dataclasses.replace(config.regional, metrics_public=False),
+    )
+    async with open_daemon(closed) as daemon, httpx.AsyncClient() as http:
+        cp, rg = daemon.urls["control-plane"], daemon.urls["regional"]
+        assert (await http.get(cp + "/metrics")).status_code == 401
+        r = await http.get(cp + "/metrics", headers=bearer(viewer))
+        assert r.status_code == 200 and "lpmosd_auth_failures_total" in r.text
+        assert (await http.get(rg + "/metrics")).status_code == 404
+        assert (await http.get(cp + "/healthz")).status_code == 200

@@ -52,3 +52,30 @@ def test_rate_limiter_token_bucket() -> None:
     assert len(limiter) == 2
     with pytest.raises(ValueError):
         RateLimiter(0, 1)
+
+
+def test_sessions_expire_and_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import timedelta
+
+    from lpmosd.models import utcnow
+    from lpmosd.tokens import Role, TokenRecord
+    from lpmosd.web import auth
+
+    now = [1000.0]
+    monkeypatch.setattr("lpmosd.web.auth.time.monotonic", lambda: now[0])
+    record = TokenRecord(
+        name="a", role=Role.VIEWER, token_hash="sha256:x", created_at=utcnow(), created_by="t"
+    )
+    sessions = auth._Sessions(lifetime=timedelta(hours=1), limit=2)
+    first, _ = sessions.create(record, until_expiry=None)
+    short, _ = sessions.create(record, until_expiry=60)  # the token expires in a minute
+    assert sessions.get(first) is not None and sessions.get(short) is not None
+    now[0] += 61
+    assert sessions.get(short) is None and sessions.get(first) is not None
+    third, _ = sessions.create(record, until_expiry=None)
+    fourth, _ = sessions.create(record, until_expiry=None)
+    assert len(sessions) == 2 and sessions.get(first) is None  # the oldest went first
+    assert sessions.get(third) is not None and sessions.get(fourth) is not None
+    now[0] += 3601
+    assert sessions.get(third) is None
+    assert len({first, short, third, fourth}) == 4 and all(len(s) >= 43 for s in (first, third))
