@@ -45,6 +45,7 @@ from lpmosd.errors import (
 from lpmosd.etcd import Compare, EtcdClient, KeyValue, put
 from lpmosd.models import format_ts, parse_ts, utcnow
 from lpmosd.view import Change, PrefixView
+from lpmosd.web.ratelimit import RateLimiter
 
 __all__ = [
     "MAX_TOKEN_LIFETIME",
@@ -220,6 +221,9 @@ class TokenStore:
         self.clock = clock
         self.view: PrefixView | None = None
         self._by_hash: dict[str, str] = {}  # token hash -> name, from the view
+        # Unknown tokens are looked up in etcd (a token created a moment ago must work), but
+        # at a bounded rate: a flood of made-up tokens must not become a flood of reads.
+        self._misses = RateLimiter(20.0, 40)
 
     # --- the cache ------------------------------------------------------------------------
 
@@ -272,6 +276,8 @@ class TokenStore:
         name = self._by_hash.get(digest) if self.view is not None else None
         if name is not None:
             record = await self.get(name)
+        elif self.view is not None and self._misses.take("etcd") > 0:
+            record = None  # the cache is current within milliseconds: unknown it is
         else:
             # Not cached: the cache is down, or the token was created a moment ago and the
             # watch has not delivered it yet. Ask etcd, so a new token works at once.
