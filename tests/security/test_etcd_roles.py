@@ -11,7 +11,7 @@ import dataclasses
 import os
 import subprocess
 import types
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,16 +93,23 @@ def etcd_roles(
     assert res.returncode == 0, (args, res.stdout.decode(), res.stderr.decode())
 
 
-@pytest.fixture
-def secured(etcd_factory: Any, tls_certs: CertFiles, tmp_path: Path) -> Secured:
-    server: EtcdProcess = etcd_factory(
+@pytest.fixture(scope="module")
+def secured(tls_certs: CertFiles, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
+    """One etcd with TLS + auth and the roles, for the module (the tests only add keys)."""
+    tmp_path = tmp_path_factory.mktemp("secured-etcd")
+    with EtcdProcess(
+        name="lpmosd-secured",
         cert_file=tls_certs.server_cert,
         key_file=tls_certs.server_key,
         trusted_ca_file=tls_certs.ca_cert,
         client_cert_auth=True,
         client_cert_file=tls_certs.client_cert,
         client_key_file=tls_certs.client_key,
-    )
+    ) as server:
+        yield _set_up(server, tls_certs, tmp_path)
+
+
+def _set_up(server: EtcdProcess, tls_certs: CertFiles, tmp_path: Path) -> Secured:
     passwords = {}
     for user in USERS.values():
         path = tmp_path / f"{user}.password"

@@ -57,7 +57,7 @@ from lpmosd.models import CreateTaskRequest
 from lpmosd.store import Store
 from lpmosd.tokens import TOKEN_NAME_RE, TOKENS_PREFIX, Role, TokenStore
 
-FUZZ_EXAMPLES = 400
+FUZZ_EXAMPLES = 300
 LONG_EXAMPLES = int(os.environ.get("LPMOSD_FUZZ_EXAMPLES", "10000"))
 SPECS = Path(lpmosd.__file__).parent / "web" / "openapi"
 
