@@ -468,6 +468,7 @@ def test_relative_path_without_base_dir_uses_cwd(
     assert config.control_plane is not None
     assert config.control_plane.tls_cert_file == tmp_path / "c.pem"
 
+
 def test_password_file_checked_at_load(tmp_path: Path) -> None:
     pw = secret_file(tmp_path / "pw", "\n")
     assert error(f'[etcd.auth]\nusername = "u"\npassword_file = "{pw}"\n' + REGIONAL) == (
