@@ -167,6 +167,64 @@ def is_auth_expired(exc: EtcdError) -> bool:
 # --- transport ---------------------------------------------------------------------------
 
 
+class _CoalescingWriter:
+    """Wraps an asyncio transport: the writes of one event-loop turn go out as one.
+
+    grpclib writes each HTTP/2 frame batch straight to the socket, two ``send()`` system
+    calls per unary call (HEADERS, then DATA). Collected until the end of the loop turn,
+    the frames of every call made in that turn share one system call.
+    """
+
+    __slots__ = ("_buffer", "_inner", "_loop", "_scheduled")
+
+    def __init__(self, inner: asyncio.WriteTransport, loop: asyncio.AbstractEventLoop) -> None:
+        self._inner = inner
+        self._loop = loop
+        self._buffer: list[bytes] = []
+        self._scheduled = False
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self._buffer.append(data)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if not self._buffer:
+            return
+        data = b"".join(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
+        self._buffer.clear()
+        if not self._inner.is_closing():
+            self._inner.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._inner.close()
+
+    def abort(self) -> None:
+        self._buffer.clear()
+        self._inner.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class _Channel(grpclib.client.Channel):
+    """A grpclib channel whose connections coalesce their writes (see above)."""
+
+    async def _create_connection(self) -> Any:
+        protocol = await super()._create_connection()
+        connection = protocol.connection
+        inner = connection._transport
+        if isinstance(inner, asyncio.WriteTransport):
+            writer: Any = _CoalescingWriter(inner, asyncio.get_running_loop())
+            connection._transport = writer
+        return protocol
+
+
 @dataclass(slots=True)
 class _Sent:
     """Set by a unary call once its request is on the wire."""
@@ -219,7 +277,7 @@ class Transport:
                 if self._ssl is None:
                     self._ssl = (self._tls or TLSFiles()).context()
                 ctx = self._ssl
-            chan = grpclib.client.Channel(ep.host, ep.port, ssl=ctx, config=self._config)
+            chan = _Channel(ep.host, ep.port, ssl=ctx, config=self._config)
             self._channels[index] = chan
         return chan
 
@@ -258,6 +316,8 @@ class Transport:
         for chan in self._channels.values():
             connection = getattr(chan._protocol, "connection", None)
             transport = getattr(connection, "_transport", None)
+            if isinstance(transport, _CoalescingWriter):
+                transport = transport._inner
             if isinstance(transport, asyncio.BaseTransport):
                 transports.append(transport)
         self.close()

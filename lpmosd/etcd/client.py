@@ -140,6 +140,18 @@ def _response_result(r: pb.ResponseOp) -> RangeResult | PutResult | DeleteResult
     return DeleteResult(_rev(d.header), d.deleted, [KeyValue.from_pb(kv) for kv in d.prev_kvs])
 
 
+class _UpdateGate:
+    """Turn-taking for concurrent ``atomic_update`` calls on one key (see there)."""
+
+    __slots__ = ("known", "kv", "lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = trio.Lock()
+        self.users = 0
+        self.kv: KeyValue | None = None  # the key as the last update left it...
+        self.known = False  # ...if that is known
+
+
 class EtcdClient:
     """A connection to an etcd cluster. Make one with :func:`open_client`.
 
@@ -163,6 +175,7 @@ class EtcdClient:
         self._auth_lock = trio.Lock()
         self.request_timeout = request_timeout
         self._keepalive: KeepAliveHub | None = None
+        self._update_gates: dict[bytes, _UpdateGate] = {}
 
     # --- plumbing ------------------------------------------------------------------------
 
@@ -372,11 +385,51 @@ class EtcdClient:
         first read; a stale one only costs a retry. A lost race re-reads through the
         failed Txn itself. After ``max_attempts`` conflicts: :class:`ContentionError`.
         An ambiguous failure (connection lost after sending) is settled by re-reading.
+
+        Concurrent updates of one key through this client take turns (a per-key lock):
+        they could not all win anyway, and in turn each one starts from the key as the
+        previous one left it, so local contention costs no failed round trips.
         """
         k = to_bytes(key)
+        gate = self._update_gates.get(k)
+        if gate is None:
+            gate = self._update_gates[k] = _UpdateGate()
+        gate.users += 1
+        try:
+            async with gate.lock:
+                from_gate = current is None and not known_absent and gate.known
+                if from_gate:
+                    current, known_absent = gate.kv, gate.kv is None
+                gate.known = False
+                result = await self._atomic_update(
+                    k, fn, current, known_absent, max_attempts, backoff_cap, from_gate
+                )
+                gate.kv, gate.known = result.kv, True
+                return result
+        finally:
+            gate.users -= 1
+            if gate.users == 0:
+                del self._update_gates[k]
+
+    async def _atomic_update(
+        self,
+        k: bytes,
+        fn: UpdateFn,
+        current: KeyValue | None,
+        known_absent: bool,
+        max_attempts: int,
+        backoff_cap: float,
+        hinted: bool = False,
+    ) -> UpdateResult:
         kv = current if current is not None or known_absent else await self.get(k)
         for attempt in range(1, max_attempts + 1):
             result = fn(kv)
+            if result is None and hinted:
+                # The turn-taking hint saved a read; "leave it alone" must not rest on a
+                # view another process may have changed since: decide on a fresh read.
+                kv = await self.get(k)
+                result = fn(kv)
+            hinted = False  # from here on, kv comes from etcd
             if result is None:
                 rev = kv.mod_revision if kv else 0
                 return UpdateResult(kv.value if kv else None, rev, attempt, False, kv)
