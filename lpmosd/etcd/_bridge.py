@@ -282,16 +282,7 @@ class Transport:
         return chan
 
     def failover(self, failed_index: int) -> None:
-        """Mark the endpoint at ``failed_index`` as failed: reset it and move to the next.
-
-        With a single endpoint there is nowhere to move to, and the channel is kept:
-        closing it would also kill every healthy call and stream in flight on it (under
-        load, one slow answer is not a dead member: measured, a deadline missed by an
-        overloaded regional cascaded into its session lease and every agent lease). A
-        connection that really broke is re-made by grpclib on the next call.
-        """
-        if len(self.endpoints) == 1:
-            return
+        """Mark the endpoint at ``failed_index`` as failed: reset it and move to the next."""
         chan = self._channels.pop(failed_index, None)
         if chan is not None:
             chan.close()
