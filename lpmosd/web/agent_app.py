@@ -74,6 +74,9 @@ if TYPE_CHECKING:
 
 import trio
 
+#: Agent API writes (everything but heartbeats) handled at once; more wait in order.
+MAX_ACTIVE_REQUESTS = 64
+
 _REGISTER_FIELDS = frozenset({"sn", "mac", "hardware", "enrollment_secret"})
 
 AGENT_AUTH_FAILURES = Counter(
@@ -178,6 +181,28 @@ def create_agent_app(rg: Regional) -> QuartTrio:
         response = error_response(429, "too many requests; slow down")
         response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
         return response
+
+    # Admission control: at most MAX_ACTIVE_REQUESTS agent API writes run at once; the
+    # others wait their turn, in arrival order. Heartbeats (they keep leases alive) are
+    # exempt. An overloaded regional then queues requests instead of stretching every etcd
+    # call, its own session keepalives included, past their deadlines (measured: 1,000
+    # agents flat out made the session lease lapse, and with it every agent's task).
+    active = trio.CapacityLimiter(MAX_ACTIVE_REQUESTS)
+    inner_asgi = app.asgi_app
+
+    async def admitted_asgi(scope: Any, receive: Any, send: Any) -> None:
+        path = scope.get("path", "") if scope.get("type") == "http" else ""
+        if (
+            scope.get("method") == "POST"
+            and path.startswith("/api/")
+            and not path.endswith("/heartbeat")
+        ):
+            async with active:
+                await inner_asgi(scope, receive, send)
+            return
+        await inner_asgi(scope, receive, send)
+
+    app.asgi_app = admitted_asgi  # type: ignore[method-assign]
 
     def machines() -> PrefixView:
         view = rg.machines
