@@ -12,7 +12,7 @@ from playwright.sync_api import Browser, sync_playwright
 from lpmosd.etcd_process import EtcdProcess
 from lpmosd.tokens import Role
 
-from .kit import DaemonThread, login, quick_config
+from .kit import TIMEOUT, DaemonThread, login, quick_config
 
 #: Debian's chromium; Playwright drives it as is (no browser download, see DESIGN.md §5).
 CHROMIUM = "/usr/bin/chromium"
@@ -47,7 +47,9 @@ def viewer_token(daemon: DaemonThread) -> str:
 def api(daemon: DaemonThread, admin_token: str) -> Iterator[httpx.Client]:
     """The control plane's API as admin (bearer token)."""
     with httpx.Client(
-        base_url=daemon.control_url, headers={"Authorization": f"Bearer {admin_token}"}
+        base_url=daemon.control_url,
+        headers={"Authorization": f"Bearer {admin_token}"},
+        timeout=TIMEOUT,
     ) as http:
         yield http
 
@@ -55,7 +57,7 @@ def api(daemon: DaemonThread, admin_token: str) -> Iterator[httpx.Client]:
 @pytest.fixture
 def operator(daemon: DaemonThread, operator_token: str) -> Iterator[tuple[httpx.Client, str]]:
     """A browser-like client logged in as alice (session cookie) and its CSRF token."""
-    with httpx.Client(base_url=daemon.control_url) as http:
+    with httpx.Client(base_url=daemon.control_url, timeout=TIMEOUT) as http:
         yield http, login(http, operator_token)
 
 

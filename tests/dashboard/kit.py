@@ -32,6 +32,8 @@ from lpmosd.tokens import Role, TokenStore
 T = TypeVar("T")
 
 MAC = "00:1a:2b:3c:4d:5e"
+#: HTTP timeout of the tests' clients: generous, for CI machines under load.
+TIMEOUT = 30.0
 
 #: A machine as the test agents report it (no /proc or /sys reading: fast and stable).
 FACTS = HardwareFacts(
@@ -207,7 +209,7 @@ def read_events(
     *,
     count: int,
     headers: dict[str, str] | None = None,
-    timeout: float = 10.0,
+    timeout: float = TIMEOUT,
 ) -> list[SseEvent]:
     """Open ``path`` as an event stream and return its first ``count`` events."""
     events: list[SseEvent] = []

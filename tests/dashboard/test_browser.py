@@ -19,6 +19,10 @@ from lpmosd.agent.main import AgentOptions, run_agent
 
 from .kit import FACTS, MAC, DaemonThread
 
+# Assertions retry up to this long: generous, for CI machines under load (they return as
+# soon as the page is right, so a healthy run stays fast).
+expect.set_options(timeout=15_000)
+
 #: Each page's script may add this; a reload would lose it.
 MARKER = "window.__lpmosdNoReload"
 
@@ -26,6 +30,7 @@ MARKER = "window.__lpmosdNoReload"
 def sign_in(browser: Browser, base: str, token: str) -> tuple[Page, list[str]]:
     """A page signed in through the login form; the list collects dialogs and JS errors."""
     page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(30_000)  # actions; assertions: see the module's expect options
     problems: list[str] = []
 
     def on_dialog(dialog: Any) -> None:
@@ -124,6 +129,7 @@ def test_a_provisioning_day_in_the_browser(
         if status in ("completed", "failed"):
             break
         page.wait_for_timeout(50)
+    seen.update(steps_of(page))  # the event that completed it may have come after a sample
     assert statuses[-1] == "completed", (statuses, problems)
     assert "installing" in statuses  # seen on its way, not just the end state
     # The bars advanced in place: some step was seen part-way, several steps finished.

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lpmosd.agent.client import AgentClient
 from lpmosd.models import TaskStatus
 
-from .kit import FACTS, MAC, DaemonThread, login, read_events, since_of
+from .kit import FACTS, MAC, TIMEOUT, DaemonThread, login, read_events, since_of
 
 FORM = {"idc": "dc1", "sn": "sn-001", "mac": MAC, "os_type": "demo", "os_version": "1"}
 
@@ -34,7 +34,7 @@ def create(http: httpx.Client, csrf: str, **changes: str) -> httpx.Response:
 
 
 def test_pages_need_a_login(daemon: DaemonThread) -> None:
-    with httpx.Client(base_url=daemon.control_url) as http:
+    with httpx.Client(base_url=daemon.control_url, timeout=TIMEOUT) as http:
         for path in ("/", "/tasks/create", "/tasks/dc1/sn-001"):
             r = http.get(path)
             assert r.status_code == 303, path
@@ -98,7 +98,7 @@ def test_viewers_see_no_actions_and_may_not_act(
     daemon: DaemonThread, viewer_token: str, api: httpx.Client
 ) -> None:
     assert api.post("/api/v1/tasks", json=FORM).status_code == 201
-    with httpx.Client(base_url=daemon.control_url) as http:
+    with httpx.Client(base_url=daemon.control_url, timeout=TIMEOUT) as http:
         csrf = login(http, viewer_token)
         page = http.get("/tasks/dc1/sn-001")
         assert page.status_code == 200
@@ -213,7 +213,7 @@ def test_regional_status_page(daemon: DaemonThread, api: httpx.Client) -> None:
             await agent.heartbeat()
 
     daemon.call(register)
-    with httpx.Client(base_url=daemon.regional_url) as http:
+    with httpx.Client(base_url=daemon.regional_url, timeout=TIMEOUT) as http:
         r = http.get("/")
     assert r.status_code == 200
     assert "unsafe-inline" not in r.headers["content-security-policy"]
@@ -237,7 +237,7 @@ def test_metrics_parse_and_count_tasks_by_idc_and_status(
     api.get("/readyz")
 
     def families(base: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-        text = httpx.get(base + "/metrics").text
+        text = httpx.get(base + "/metrics", timeout=TIMEOUT).text
         out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
         for fam in text_string_to_metric_families(text):
             for s in fam.samples:
