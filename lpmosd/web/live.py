@@ -346,7 +346,8 @@ class LiveHub:
                 state.task, state.task_rev = task, kv.mod_revision
             else:
                 state.meta, state.meta_rev = MachineMeta.from_json(kv.value), kv.mod_revision
-        except LpmosdError as exc:
+        except (LpmosdError, ValueError, TypeError) as exc:
+            # One bad document must not stop the dashboard (nor the session calling us).
             log.warning("unreadable document ignored", extra={"key": key, "error": str(exc)})
 
     def apply(self, change: Change) -> None:
