@@ -10,6 +10,8 @@ as explicit deletions from the view's relist diff.
 from __future__ import annotations
 
 import logging
+import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -183,8 +185,5 @@ class ControlPlane:
 
 def session_value_host() -> str:
     """This host's name as a key part (sanitised to the schema's name rule)."""
-    import re
-    import socket
-
     name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64] or "host"
     return name if name[0].isalnum() else f"h{name[:63]}"
