@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio_asyncio
 import trustme
 
+from lpmosd.etcd import EtcdClient, open_client
 from lpmosd.etcd_process import EtcdProcess, EtcdProcessError, TLSFiles
+from lpmosd.store import Store
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,3 +118,31 @@ def test_output_dir(request: pytest.FixtureRequest) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     return out
+
+
+# --- etcd clients -------------------------------------------------------------------------
+# pytest-trio runs every fixture of a test in one shared contextvars context, so the first
+# etcd client to open a trio-asyncio loop would lend it to every other client and in-process
+# daemon of the test, and close it at its own teardown under their feet. ``aio_loop`` opens
+# the one loop first and closes it last; test packages that start daemons make it autouse
+# (``use_aio_loop`` below).
+
+
+@pytest.fixture
+async def aio_loop() -> AsyncIterator[None]:
+    """The test's trio-asyncio loop, outliving every client and daemon of the test."""
+    async with trio_asyncio.open_loop():
+        yield
+
+
+@pytest.fixture
+async def client(etcd: EtcdProcess, aio_loop: None) -> AsyncIterator[EtcdClient]:
+    """A client of the shared (wiped) etcd, independent of any daemon's own."""
+    async with open_client(etcd.endpoints) as c:
+        yield c
+
+
+@pytest.fixture
+def store(client: EtcdClient) -> Store:
+    """Store operations over :func:`client`, to set up and inspect tasks."""
+    return Store(client)

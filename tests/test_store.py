@@ -8,17 +8,15 @@ status equals the task's, written in the same Txn (same mod revision).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-import trio_asyncio
 from provisioning_kit import GUIDE_TASK, HARDWARE, keyspace
 
 from lpmosd import schema
 from lpmosd.errors import ConflictError, InputError, NotFoundError
-from lpmosd.etcd import EtcdClient, open_client
-from lpmosd.etcd_process import EtcdProcess
+from lpmosd.etcd import EtcdClient
 from lpmosd.models import (
     MAX_LOG_LINES,
     CreateTaskRequest,
@@ -32,24 +30,6 @@ from lpmosd.store import HARDWARE_STEP, Store, lease_value
 
 IDC, SN, MAC = "dc1", "sn-001", "00:1a:2b:3c:4d:5e"
 S = TaskStatus
-
-
-@pytest.fixture(autouse=True)
-async def aio_loop() -> AsyncIterator[None]:
-    """One trio-asyncio loop for every client of the test (see tests/roles/conftest.py)."""
-    async with trio_asyncio.open_loop():
-        yield
-
-
-@pytest.fixture
-async def client(etcd: EtcdProcess, aio_loop: None) -> AsyncIterator[EtcdClient]:
-    async with open_client(etcd.endpoints) as c:
-        yield c
-
-
-@pytest.fixture
-def store(client: EtcdClient) -> Store:
-    return Store(client)
 
 
 def request(**changes: Any) -> CreateTaskRequest:
@@ -399,3 +379,8 @@ async def test_corrupt_task_document_is_contained(store: Store, client: EtcdClie
     assert await keyspace(client) == before
     await store.delete_task(IDC, SN)
     assert {k for k in await keyspace(client) if SN.encode() in k} == set()
+
+
+@pytest.fixture(autouse=True)
+def use_aio_loop(aio_loop: None) -> None:
+    """Open the test's trio-asyncio loop before anything else (see tests/conftest.py)."""

@@ -3,34 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 
 import pytest
 import trio
-import trio_asyncio
 
 from lpmosd import schema
 from lpmosd.errors import ConflictError, NotFoundError
-from lpmosd.etcd import EtcdClient, KeyValue, open_client
-from lpmosd.etcd_process import EtcdProcess
+from lpmosd.etcd import EtcdClient, KeyValue
 from lpmosd.models import CreateTaskRequest, TaskStatus
 from lpmosd.store import Store
 from lpmosd.taskwriter import TaskWriter
 
 IDC = "dc1"
-
-
-@pytest.fixture(autouse=True)
-async def aio_loop() -> AsyncIterator[None]:
-    """One trio-asyncio loop for every client of the test."""
-    async with trio_asyncio.open_loop():
-        yield
-
-
-@pytest.fixture
-async def client(etcd: EtcdProcess, aio_loop: None) -> AsyncIterator[EtcdClient]:
-    async with open_client(etcd.endpoints) as c:
-        yield c
 
 
 def _mac(n: int) -> str:
@@ -164,3 +148,8 @@ async def test_without_run_it_is_the_store(client: EtcdClient) -> None:
     assert stored.task.status is TaskStatus.INSTALLING
     assert writer.txns == 0
     assert writer.task_of(stored.kv or kv).status is TaskStatus.INSTALLING
+
+
+@pytest.fixture(autouse=True)
+def use_aio_loop(aio_loop: None) -> None:
+    """Open the test's trio-asyncio loop before anything else (see tests/conftest.py)."""

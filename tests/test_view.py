@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 import trio
-import trio_asyncio
 from provisioning_kit import open_proxy, wait_for
 
 from lpmosd.etcd import EtcdClient, KeyValue, open_client
@@ -14,19 +11,6 @@ from lpmosd.etcd_process import EtcdProcess
 from lpmosd.view import Change, PrefixView
 
 PREFIX = "/os/dc1/machines/"
-
-
-@pytest.fixture(autouse=True)
-async def aio_loop() -> AsyncIterator[None]:
-    """One trio-asyncio loop for every client of the test (see tests/roles/conftest.py)."""
-    async with trio_asyncio.open_loop():
-        yield
-
-
-@pytest.fixture
-async def client(etcd: EtcdProcess, aio_loop: None) -> AsyncIterator[EtcdClient]:
-    async with open_client(etcd.endpoints) as c:
-        yield c
 
 
 def record(view: PrefixView) -> list[Change]:
@@ -159,3 +143,8 @@ async def test_listener_errors_do_not_stop_the_view(
         await wait_for(lambda: len(seen) == 2, what="both changes")
         nursery.cancel_scope.cancel()
     assert "view listener failed" in caplog.text
+
+
+@pytest.fixture(autouse=True)
+def use_aio_loop(aio_loop: None) -> None:
+    """Open the test's trio-asyncio loop before anything else (see tests/conftest.py)."""

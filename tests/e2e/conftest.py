@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,6 @@ from typing import Any
 import httpx
 import pytest
 import trio
-import trio_asyncio
 from provisioning_kit import bearer, create_token, free_port
 
 from lpmosd.etcd import open_client
@@ -242,13 +241,6 @@ class Cluster:
         return "\n".join(p.tail() for p in self.procs)
 
 
-@pytest.fixture(autouse=True)
-async def aio_loop() -> AsyncIterator[None]:
-    """One trio-asyncio loop for every etcd client of the test (see tests/roles/conftest.py)."""
-    async with trio_asyncio.open_loop():
-        yield
-
-
 @pytest.fixture
 def cluster(etcd: EtcdProcess, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """Processes on the shared etcd; their logs are printed when the test fails."""
@@ -267,3 +259,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     rep = yield
     setattr(item, f"rep_{rep.when}", rep)
     return rep
+
+
+@pytest.fixture(autouse=True)
+def use_aio_loop(aio_loop: None) -> None:
+    """Open the test's trio-asyncio loop before anything else (see tests/conftest.py)."""
