@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from lpmosd.bench.common import BenchOptions
-from lpmosd.etcd import ensure_loop
+if TYPE_CHECKING:
+    from lpmosd.bench.common import BenchOptions
 
-BenchFn = Callable[[BenchOptions, argparse.Namespace], Awaitable[dict[str, Any]]]
+BenchFn = Callable[["BenchOptions", argparse.Namespace], Awaitable[dict[str, Any]]]
 
 
 def _run(args: argparse.Namespace) -> int:
+    from lpmosd.bench.common import BenchOptions
+    from lpmosd.etcd import ensure_loop
+
     opts = BenchOptions.from_args(args)
     fn: BenchFn = args.bench
 

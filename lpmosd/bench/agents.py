@@ -1,8 +1,9 @@
 """Simulated agents for the fleet benchmarks: the real agent's HTTP calls, cheaply.
 
 Thousands of agents share one load-generating process, so the HTTP client here is a
-minimal HTTP/1.1 keep-alive client on Trio sockets (one connection per agent, like real
-agents), not httpx: the load generator must cost far less CPU than what it measures.
+minimal HTTP/1.1 keep-alive client on Trio sockets (two connections per agent, as a real
+agent's connection pool has when a heartbeat overlaps a report), not httpx: the load
+generator must cost far less CPU than what it measures.
 Each agent makes the calls :mod:`lpmosd.agent` makes: ``register`` (with the enrolment
 secret and bearer token when the API hands them out), ``progress`` per step,
 ``heartbeat`` every interval, ``complete``.
@@ -149,10 +150,20 @@ class SimAgent:
     token: str | None = None
     heartbeat_interval: float = 10.0
     conn: HttpConn = field(init=False)
+    #: Heartbeats go on a connection of their own, as from a real agent's connection pool:
+    #: a heartbeat must not wait behind a slow progress report (its lease would lapse).
+    hb_conn: HttpConn = field(init=False)
     _lock: trio.Lock = field(init=False, default_factory=trio.Lock)
+    _hb_lock: trio.Lock = field(init=False, default_factory=trio.Lock)
 
     def __post_init__(self) -> None:
         self.conn = HttpConn(self.host, self.port)
+        self.hb_conn = HttpConn(self.host, self.port)
+
+    async def aclose(self) -> None:
+        """Close both connections."""
+        await self.conn.aclose()
+        await self.hb_conn.aclose()
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -162,11 +173,14 @@ class SimAgent:
     ) -> tuple[int, dict[str, Any]]:
         """One API call (retried on 503 and connection failures, as the real agent does)."""
         data = json.dumps(body, separators=(",", ":")).encode() if body is not None else b""
+        conn, lock = (
+            (self.hb_conn, self._hb_lock) if kind == "heartbeat" else (self.conn, self._lock)
+        )
         for attempt in range(retries):
             t0 = time.perf_counter()
             try:
-                async with self._lock:  # one HTTP/1.1 connection: one request at a time
-                    status, raw = await self.conn.request("POST", path, data, self._headers())
+                async with lock:  # one HTTP/1.1 connection: one request at a time
+                    status, raw = await conn.request("POST", path, data, self._headers())
             except HttpError as exc:
                 self.stats.errors.append(f"{kind}: {exc}")
                 await trio.sleep(min(1.0, 0.05 * 2**attempt))
@@ -253,7 +267,7 @@ class SimAgent:
                 finally:
                     stop.set()
         finally:
-            await self.conn.aclose()
+            await self.aclose()
 
 
 def step_names(steps: int) -> list[str]:

@@ -236,7 +236,7 @@ def machine_info() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "load_avg_at_start": os.getloadavg(),
+        "load_avg": os.getloadavg(),
     }
 
 
@@ -269,7 +269,7 @@ def header(title: str, opts: BenchOptions, target: EtcdTarget) -> str:
     return (
         f"# {title}{' (quick)' if opts.quick else ''}\n"
         f"machine: {info['cores']} cores, {info['memory_gib']} GiB, {info['cpu']}; "
-        f"{where} ({etcd_version(target)}); load avg {info['load_avg_at_start'][0]:.2f}"
+        f"{where} ({etcd_version(target)}); load avg {info['load_avg'][0]:.2f}"
     )
 
 

@@ -8,7 +8,8 @@ is not what is measured). Then N simulated agents (:mod:`lpmosd.bench.agents`) e
 register, report ``--steps`` progress steps and complete, heart-beating meanwhile, through
 the regional's HTTP API, as fast as the regional answers (closed loop: each agent sends its
 next report when the previous one is answered). Agents start over N/500 seconds (machines
-do not all boot in the same millisecond), each on its own HTTP/1.1 connection.
+do not all boot in the same millisecond), each with its own HTTP/1.1 connections (one for
+heartbeats).
 
 Reported per fleet size: progress updates/s over the progress phase, the agent-seen p50/p99
 latency of a progress report, lost updates (every step of every task is checked in etcd at

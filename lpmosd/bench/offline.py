@@ -84,7 +84,7 @@ async def _dying_agent(agent: SimAgent, die: trio.Event, registered: list[str]) 
         await agent.heartbeat()
         await agent.heartbeat_loop(die)
     finally:
-        await agent.conn.aclose()
+        await agent.aclose()
 
 
 async def run_round(
