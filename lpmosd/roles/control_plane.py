@@ -36,6 +36,8 @@ log = logging.getLogger("lpmosd.control_plane")
 SESSION_PREFIX = "/os/_control-plane/"
 SESSION_TTL = 10
 HEARTBEAT_LOST = "agent heartbeat lost"
+#: Reaper tasks sharing the queue of vanished lease keys.
+REAPER_WORKERS = 16
 
 
 @dataclass(eq=False)
@@ -110,7 +112,10 @@ class ControlPlane:
                 self.view = view
                 for hook in self.view_hooks:
                     hook(view)
-                nursery.start_soon(self._reap, reap_recv)
+                # Several reapers: when many agents die at once (a rack loses power) their
+                # tasks are failed in parallel, not one Txn after another.
+                for _ in range(REAPER_WORKERS):
+                    nursery.start_soon(self._reap, reap_recv)
                 self._reap_orphans(view, reap_send)
                 task_status.started()
                 await trio.sleep_forever()
