@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import weakref
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -94,6 +94,20 @@ def etcd_probe(client: EtcdClient) -> EtcdProbe:
     return probe
 
 
+def _family(
+    kind: type[GaugeMetricFamily] | type[CounterMetricFamily],
+    name: str,
+    doc: str,
+    labels: list[str],
+    values: Mapping[Any, float],
+) -> Metric:
+    """A labelled metric family from ``{label value(s): number}``, in label order."""
+    family = kind(name, doc, labels=labels)
+    for key, value in sorted(values.items()):
+        family.add_metric(list(key) if isinstance(key, tuple) else [key], value)
+    return family
+
+
 class RoleCollector(Collector):
     """Role metrics read from live objects at scrape time.
 
@@ -140,22 +154,20 @@ class RoleCollector(Collector):
             for machine, state in hub.machines.items():
                 if state.agent_online:
                     agents[machine.partition("/")[0]] += 1
-        g = GaugeMetricFamily(
+        yield _family(
+            GaugeMetricFamily,
             "lpmosd_tasks",
             "Tasks by IDC and status, as the control plane's watched view has them.",
-            labels=["idc", "status"],
+            ["idc", "status"],
+            tasks,
         )
-        for (idc, status), n in sorted(tasks.items()):
-            g.add_metric([idc, status], n)
-        yield g
-        g = GaugeMetricFamily(
+        yield _family(
+            GaugeMetricFamily,
             "lpmosd_agents_online",
             "Machines whose agent holds a live lease, by IDC (control plane's view).",
-            labels=["idc"],
+            ["idc"],
+            agents,
         )
-        for idc, n in sorted(agents.items()):
-            g.add_metric([idc], n)
-        yield g
         yield GaugeMetricFamily(
             "lpmosd_dashboard_clients", "Open dashboard event streams.", value=clients
         )
@@ -187,20 +199,20 @@ class RoleCollector(Collector):
                 live[rg.idc] += sum(
                     1 for k in rg.machines.items if (p := schema.parse_key(k)) and p.kind == "lease"
                 )
-        g = GaugeMetricFamily(
-            "lpmosd_regional_servers", "Servers in the regional's IDC directory.", labels=["idc"]
+        yield _family(
+            GaugeMetricFamily,
+            "lpmosd_regional_servers",
+            "Servers in the regional's IDC directory.",
+            ["idc"],
+            servers,
         )
-        for idc, n in sorted(servers.items()):
-            g.add_metric([idc], n)
-        yield g
-        g = GaugeMetricFamily(
+        yield _family(
+            GaugeMetricFamily,
             "lpmosd_regional_agents_online",
             "Agents of the regional's IDC holding a live lease.",
-            labels=["idc"],
+            ["idc"],
+            live,
         )
-        for idc, n in sorted(live.items()):
-            g.add_metric([idc], n)
-        yield g
 
     def _session_metrics(self) -> Iterator[Metric]:
         running: dict[str, float] = {}
@@ -214,28 +226,27 @@ class RoleCollector(Collector):
             restarts[s.role] += s.restarts
             if s.lease is not None:
                 remaining[s.role] = s.lease.remaining()
-        g = GaugeMetricFamily(
-            "lpmosd_role_running", "1 while the role holds its session lease.", labels=["role"]
+        yield _family(
+            GaugeMetricFamily,
+            "lpmosd_role_running",
+            "1 while the role holds its session lease.",
+            ["role"],
+            running,
         )
-        for role, v in sorted(running.items()):
-            g.add_metric([role], v)
-        yield g
-        c = CounterMetricFamily(
+        yield _family(
+            CounterMetricFamily,
             "lpmosd_role_session_restarts",
             "Sessions restarted after the role lost its lease.",
-            labels=["role"],
+            ["role"],
+            restarts,
         )
-        for role, n in sorted(restarts.items()):
-            c.add_metric([role], n)
-        yield c
-        g = GaugeMetricFamily(
+        yield _family(
+            GaugeMetricFamily,
             "lpmosd_role_lease_remaining_seconds",
             "How long the role may still trust its session lease.",
-            labels=["role"],
+            ["role"],
+            remaining,
         )
-        for role, v in sorted(remaining.items()):
-            g.add_metric([role], v)
-        yield g
 
 
 #: The process's one collector, registered with the shared registry at import.
