@@ -291,8 +291,8 @@ class Config:
 # --------------------------------------------------------------------------- entry points
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate the TOML file at ``path``; relative paths in it are relative to it."""
+def _read_toml(path: str | Path) -> tuple[dict[str, object], Path]:
+    """The TOML file's tables and the directory its relative paths are relative to."""
     file = Path(path)
     try:
         with file.open("rb") as fp:
@@ -304,7 +304,34 @@ def load_config(path: str | Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         # The message carries "(at line L, column C)".
         raise ConfigError(str(file), f"invalid TOML: {exc}") from exc
-    return parse_config(data, base_dir=file.absolute().parent)
+    return data, file.absolute().parent
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate the TOML file at ``path``; relative paths in it are relative to it."""
+    data, base = _read_toml(path)
+    return parse_config(data, base_dir=base)
+
+
+def load_etcd_config(path: str | Path) -> EtcdConfig:
+    """Only the ``[etcd]`` section of the TOML file at ``path``, validated as ``load_config`` does.
+
+    Other sections are not validated: the operator commands must work with a file that has
+    no role sections (or a role section this version does not know).
+    """
+    data, base = _read_toml(path)
+    return _parse_etcd(data.get("etcd", {}), "etcd", base)
+
+
+def parse_endpoints(raw: Sequence[str], path: str) -> tuple[str, ...]:
+    """Validate etcd endpoint URLs given outside a file (``path`` names them in errors)."""
+    return _endpoints(list(raw), path)
+
+
+def with_etcd_endpoints(cfg: EtcdConfig, endpoints: tuple[str, ...]) -> EtcdConfig:
+    """``cfg`` talking to ``endpoints`` instead (checked against its TLS settings)."""
+    _check_etcd_tls_scheme(endpoints, cfg.tls)
+    return dataclasses.replace(cfg, endpoints=endpoints)
 
 
 def parse_config(data: Mapping[str, object], *, base_dir: Path | None = None) -> Config:

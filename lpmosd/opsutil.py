@@ -12,11 +12,9 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 import time
-import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,9 +22,13 @@ from typing import Any, Final, TextIO
 
 import trio
 
-from lpmosd.config import DEFAULT_CONFIG_PATH, EtcdConfig, _parse_etcd
-from lpmosd.config import _check_etcd_tls_scheme as _check_tls_scheme
-from lpmosd.config import _endpoints as _parse_endpoints
+from lpmosd.config import (
+    DEFAULT_CONFIG_PATH,
+    EtcdConfig,
+    load_etcd_config,
+    parse_endpoints,
+    with_etcd_endpoints,
+)
 from lpmosd.errors import ConfigError, EtcdUnavailableError, ValidationError
 from lpmosd.etcd import Auth, EtcdClient, TLSFiles, open_client
 from lpmosd.schema import validate_idc, validate_sn
@@ -38,7 +40,6 @@ __all__ = [
     "bar",
     "etcd_config_from_args",
     "idc_arg",
-    "load_etcd_config",
     "open_etcd_client",
     "run_trio",
     "sn_arg",
@@ -104,31 +105,12 @@ def add_etcd_arguments(p: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------ config
 
 
-def load_etcd_config(path: str | Path) -> EtcdConfig:
-    """The ``[etcd]`` section of the TOML file at ``path``, validated as ``lpmosd run`` does.
-
-    Other sections are not validated: the operator commands must work with a file that has
-    no role sections (or a role section this version does not know).
-    """
-    file = Path(path)
-    try:
-        with file.open("rb") as fp:
-            data = tomllib.load(fp)
-    except OSError as exc:
-        raise ConfigError(str(file), f"cannot read: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(str(file), f"not valid UTF-8: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(file), f"invalid TOML: {exc}") from exc
-    return _parse_etcd(data.get("etcd", {}), "etcd", file.absolute().parent)
-
-
 def etcd_config_from_args(args: argparse.Namespace) -> EtcdConfig:
     """The etcd settings of an operator command's arguments (see :func:`add_etcd_arguments`)."""
     endpoints: tuple[str, ...] | None = None
     if args.etcd_endpoints is not None:
         raw = [e.strip() for e in str(args.etcd_endpoints).split(",") if e.strip()]
-        endpoints = _parse_endpoints(raw, "--etcd-endpoints")
+        endpoints = parse_endpoints(raw, "--etcd-endpoints")
     config_path: Path | None = args.config
     if config_path is None and endpoints is not None:
         return EtcdConfig(endpoints=endpoints)
@@ -142,8 +124,7 @@ def etcd_config_from_args(args: argparse.Namespace) -> EtcdConfig:
             ) from exc
         raise
     if endpoints is not None:
-        _check_tls_scheme(endpoints, cfg.tls)
-        cfg = dataclasses.replace(cfg, endpoints=endpoints)
+        cfg = with_etcd_endpoints(cfg, endpoints)
     return cfg
 
 
