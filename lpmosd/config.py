@@ -131,6 +131,30 @@ class EtcdConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class DisruptionConfig:
+    """``[control_plane.disruption]``: telling one dead machine from a sick IDC.
+
+    When an agent's lease vanishes the reaper waits ``decision_delay`` seconds, then looks at
+    the agent's IDC. The IDC is *disrupted* while its regional holds no session, or while at
+    least ``silent_share`` of its agents (and at least ``min_silent_agents``) are silent: their
+    lease vanished within the last lease TTL, or (a sample of ``sample_size`` live leases,
+    asked of etcd) it has not been refreshed for more than ``silent_after`` of its TTL. Tasks of
+    a disrupted IDC, or of one healthy again for less than a lease TTL, are not failed: they
+    show "agent unreachable" and carry on when their agent is heard again; one is failed only
+    when its agent stays silent for a full lease TTL after the IDC is healthy again. In a
+    healthy IDC a vanished lease fails its task at once, as before. ``enabled = false``
+    restores the plain reaper.
+    """
+
+    enabled: bool = True
+    silent_share: float = 0.55
+    min_silent_agents: int = 3
+    silent_after: float = 0.5
+    sample_size: int = 32
+    decision_delay: float = 0.1
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ControlPlaneConfig:
     """``[control_plane]``: the API + dashboard listener.
 
@@ -145,6 +169,7 @@ class ControlPlaneConfig:
     tls_key_file: Path | None = None
     max_body_bytes: int = _DEFAULT_MAX_BODY
     metrics_public: bool = True
+    disruption: DisruptionConfig = field(default_factory=DisruptionConfig)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -477,9 +502,20 @@ def _parse_control_plane(value: object, path: str, base: Path) -> ControlPlaneCo
     sec = _Section(
         value,
         path,
-        ("listen", "port", "tls_cert_file", "tls_key_file", "max_body_bytes", "metrics_public"),
+        (
+            "listen",
+            "port",
+            "tls_cert_file",
+            "tls_key_file",
+            "max_body_bytes",
+            "metrics_public",
+            "disruption",
+        ),
     )
     cert, key = _listener_tls(sec, base)
+    disruption = DisruptionConfig()
+    if "disruption" in sec:
+        disruption = _parse_disruption(sec.get("disruption"), sec.key("disruption"))
     return ControlPlaneConfig(
         listen=_host(sec.get("listen", "0.0.0.0"), sec.key("listen")),
         port=_integer(sec.get("port", 8080), sec.key("port"), 1, 65535),
@@ -491,6 +527,41 @@ def _parse_control_plane(value: object, path: str, base: Path) -> ControlPlaneCo
             *_MAX_BODY_RANGE,
         ),
         metrics_public=_boolean(sec.get("metrics_public", True), sec.key("metrics_public")),
+        disruption=disruption,
+    )
+
+
+def _parse_disruption(value: object, path: str) -> DisruptionConfig:
+    names = (
+        "enabled",
+        "silent_share",
+        "min_silent_agents",
+        "silent_after",
+        "sample_size",
+        "decision_delay",
+    )
+    sec = _Section(value, path, names)
+    d = DisruptionConfig()
+    return DisruptionConfig(
+        enabled=_boolean(sec.get("enabled", d.enabled), sec.key("enabled")),
+        silent_share=_number(
+            sec.get("silent_share", d.silent_share), sec.key("silent_share"), 0, 1, lo_open=True
+        ),
+        min_silent_agents=_integer(
+            sec.get("min_silent_agents", d.min_silent_agents),
+            sec.key("min_silent_agents"),
+            1,
+            1_000_000,
+        ),
+        silent_after=_number(
+            sec.get("silent_after", d.silent_after), sec.key("silent_after"), 0, 1, lo_open=True
+        ),
+        sample_size=_integer(
+            sec.get("sample_size", d.sample_size), sec.key("sample_size"), 1, 1000
+        ),
+        decision_delay=_number(
+            sec.get("decision_delay", d.decision_delay), sec.key("decision_delay"), 0, 5
+        ),
     )
 
 

@@ -16,6 +16,7 @@ from lpmosd.config import (
     ROLES,
     Config,
     ControlPlaneConfig,
+    DisruptionConfig,
     EtcdAuth,
     EtcdConfig,
     EtcdTLS,
@@ -82,6 +83,29 @@ def test_regional_defaults() -> None:
 
 def test_empty_file_means_regional_role_and_needs_its_section() -> None:
     assert error("") == "regional: section required by role 'regional'"
+
+
+def test_disruption_thresholds() -> None:
+    config = parse(
+        CONTROL_PLANE + "[control_plane.disruption]\nsilent_share = 0.4\nmin_silent_agents = 5\n"
+    )
+    assert config.control_plane is not None
+    d = config.control_plane.disruption
+    assert (d.enabled, d.silent_share, d.min_silent_agents) == (True, 0.4, 5)
+    assert d == dataclasses.replace(DisruptionConfig(), silent_share=0.4, min_silent_agents=5)
+    bad = CONTROL_PLANE + "[control_plane.disruption]\n"
+    assert error(bad + "silent_share = 0") == (
+        "control_plane.disruption.silent_share: must be > 0 and ≤ 1"
+    )
+    assert error(bad + "silent_after = 2") == (
+        "control_plane.disruption.silent_after: must be > 0 and ≤ 1"
+    )
+    assert error(bad + "min_silent_agents = 0") == (
+        "control_plane.disruption.min_silent_agents: must be 1..1000000"
+    )
+    assert error(bad + "enable = false") == (
+        "control_plane.disruption.enable: unknown key (did you mean 'enabled'?)"
+    )
 
 
 def test_control_plane_defaults() -> None:

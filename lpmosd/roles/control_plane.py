@@ -24,6 +24,7 @@ from lpmosd.config import ControlPlaneConfig
 from lpmosd.errors import EtcdError, InputError
 from lpmosd.etcd import Compare, EtcdClient, HeldLease
 from lpmosd.models import ACTIVE_AGENT, Task, TaskStatus
+from lpmosd.roles.disruption import DisruptionGuard, MarkFn
 from lpmosd.roles.session import SessionState, run_session, session_value
 from lpmosd.store import Store, StoredTask
 from lpmosd.tokens import TokenStore
@@ -58,6 +59,25 @@ class ControlPlane:
 
     #: Called with each session's view once it has synced (the dashboard's hub follows it).
     view_hooks: list[Callable[[PrefixView], None]] = field(default_factory=list)
+    #: Tells one dead machine from a sick IDC (None while no session runs, or disabled).
+    guard: DisruptionGuard | None = None
+    #: Called when a task's "agent unreachable" mark changes (the dashboard's hub).
+    unreachable_hooks: list[MarkFn] = field(default_factory=list)
+
+    def agent_state(self, idc: str, sn: str) -> dict[str, str | None]:
+        """``online`` (its lease is live), ``unreachable`` (silent while its IDC is in
+        trouble: not failed) or ``offline``, as the API shows it."""
+        view, guard = self.view, self.guard
+        since = guard.unreachable_since(idc, sn) if guard else None
+        if since is not None:
+            return {"agent_state": "unreachable", "agent_unreachable_since": since}
+        if view is not None and view.get(schema.lease_key(idc, sn)) is not None:
+            return {"agent_state": "online"}
+        return {"agent_state": "offline"}
+
+    def _mark(self, idc: str, sn: str, unreachable: bool) -> None:
+        for hook in self.unreachable_hooks:
+            hook(idc, sn, unreachable)
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the API and keep the session (view + reaper) alive until cancelled."""
@@ -95,6 +115,17 @@ class ControlPlane:
         view = PrefixView(self.client, schema.ROOT)
         reap_send, reap_recv = trio.open_memory_channel[tuple[str, str, str]](10_000)
 
+        def reap(idc: str, sn: str, why: str) -> None:
+            try:
+                reap_send.send_nowait((idc, sn, why))
+            except trio.WouldBlock:
+                log.error("reaper queue full", extra={"sn": sn})
+
+        guard = None
+        if self.config.disruption.enabled:
+            guard = DisruptionGuard(self.config.disruption, self.client, view, reap, self._mark)
+            view.listeners.append(guard.on_change)
+
         def on_change(change: Change) -> None:
             parsed = schema.parse_key(change.key)
             if parsed is None or parsed.kind != "lease" or change.kv is not None:
@@ -104,7 +135,8 @@ class ControlPlane:
             except trio.WouldBlock:
                 log.error("reaper queue full", extra={"sn": parsed.sn})
 
-        view.listeners.append(on_change)
+        if guard is None:
+            view.listeners.append(on_change)
         try:
             async with open_nursery() as nursery:
                 await nursery.start(view.run)
@@ -116,17 +148,21 @@ class ControlPlane:
                 # tasks are failed in parallel, not one Txn after another.
                 for _ in range(REAPER_WORKERS):
                     nursery.start_soon(self._reap, reap_recv)
-                self._reap_orphans(view, reap_send)
+                if guard is not None:
+                    guard.load()
+                    await nursery.start(guard.run)
+                    self.guard = guard
+                self._reap_orphans(view, reap if guard is None else guard.lease_vanished)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
             self.view = None
+            self.guard = None
 
-    def _reap_orphans(
-        self, view: PrefixView, send: trio.MemorySendChannel[tuple[str, str, str]]
-    ) -> None:
+    def _reap_orphans(self, view: PrefixView, vanished: Callable[[str, str, str], None]) -> None:
         """At session start: installing tasks with no lease key lost their agent while we
-        were away (the delete happened before our watch began)."""
+        were away (the delete happened before our watch began): handled as a lease that
+        vanished now."""
         for key, kv in list(view.items.items()):
             parsed = schema.parse_key(key)
             if parsed is None or parsed.kind != "task":
@@ -138,7 +174,7 @@ class ControlPlane:
             except Exception:
                 continue
             if task.status is TaskStatus.INSTALLING:
-                send.send_nowait((parsed.idc, parsed.sn, "absent at start"))
+                vanished(parsed.idc, parsed.sn, "absent at start")
 
     async def _reap(self, receive: trio.MemoryReceiveChannel[tuple[str, str, str]]) -> None:
         async for idc, sn, why in receive:

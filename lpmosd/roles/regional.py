@@ -104,7 +104,16 @@ class Regional:
                     key=session_key(self.idc),
                     ttl=self.config.session_ttl,
                     body=self._session_body,
-                    value=session_value("regional", {"idc": self.idc, "url": self.url}),
+                    value=session_value(
+                        "regional",
+                        {
+                            "idc": self.idc,
+                            "url": self.url,
+                            # The control plane judges silence by these (lpmosd.roles.disruption).
+                            "agent_lease_ttl": str(self.config.agent_lease_ttl),
+                            "heartbeat_interval": str(self.config.heartbeat_interval),
+                        },
+                    ),
                 )
             )
             log.info("regional listening", extra={"idc": self.idc, "url": self.url})

@@ -128,13 +128,15 @@ def create_control_app(cp: ControlPlane) -> QuartTrio:
         idc = schema.validate_idc(idc_arg) if idc_arg else None
         status = _status_filter(request.args.get("status"))
         tasks = await store.list_tasks(idc=idc, status=status)
-        return json_response({"tasks": [t.to_dict() for t in tasks], "count": len(tasks)})
+        listed = [{**t.to_dict(), **cp.agent_state(t.idc, t.sn)} for t in tasks]
+        return json_response({"tasks": listed, "count": len(tasks)})
 
     @app.get("/api/v1/tasks/<idc>/<sn>")
     @require_role(Role.VIEWER)
     async def get_task(idc: str, sn: str) -> Response:
-        stored = await store.get_task(schema.validate_idc(idc), schema.validate_sn(sn))
-        return json_response(stored.task.to_dict())
+        idc, sn = schema.validate_idc(idc), schema.validate_sn(sn)
+        stored = await store.get_task(idc, sn)
+        return json_response({**stored.task.to_dict(), **cp.agent_state(idc, sn)})
 
     @app.post("/api/v1/tasks/<idc>/<sn>/approve")
     @require_role(Role.OPERATOR)

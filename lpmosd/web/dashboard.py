@@ -126,6 +126,7 @@ def install_dashboard(app: QuartTrio, cp: ControlPlane) -> LiveHub:
     ROLE_METRICS.add_hub(hub)
     ROLE_METRICS.add_session(cp.session)
     cp.view_hooks.append(hub.attach)
+    cp.unreachable_hooks.append(hub.set_unreachable)
     if cp.view is not None:
         hub.attach(cp.view)
     store = cp.store
@@ -166,8 +167,8 @@ def install_dashboard(app: QuartTrio, cp: ControlPlane) -> LiveHub:
         if status not in _statuses():
             status = ""
         rows = [
-            task_summary(task, agent_online=online)
-            for _, task, online in hub.tasks()
+            task_summary(task, agent_online=online, unreachable=hub.machines[m].unreachable)
+            for m, task, online in hub.tasks()
             if (not idc or task.idc == idc) and (not status or task.status.value == status)
         ]
         all_counts = hub.counts_dict()
@@ -245,6 +246,7 @@ def install_dashboard(app: QuartTrio, cp: ControlPlane) -> LiveHub:
         task: Task | None = state.task if state else None
         meta: MachineMeta | None = state.meta if state else None
         online = state.agent_online if state else False
+        unreachable = state.unreachable if state else False
         if task is None:
             # The hub may lag a task created a moment ago (or etcd was away): ask once.
             # Events after ``since`` re-deliver it, which the page applies idempotently.
@@ -261,7 +263,7 @@ def install_dashboard(app: QuartTrio, cp: ControlPlane) -> LiveHub:
             **context(
                 since=since,
                 task=task,
-                summary=task_summary(task, agent_online=online),
+                summary=task_summary(task, agent_online=online, unreachable=unreachable),
                 detail=task_detail(task),
                 logs=log_delta(task, None),
                 meta=meta,

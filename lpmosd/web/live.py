@@ -87,7 +87,7 @@ def os_label(task: Task) -> str:
     return f"{task.os_type} {task.os_version}"
 
 
-def task_summary(task: Task, *, agent_online: bool) -> dict[str, Any]:
+def task_summary(task: Task, *, agent_online: bool, unreachable: bool = False) -> dict[str, Any]:
     """One row of the tasks table."""
     step = current_step(task.progress)
     return {
@@ -104,6 +104,8 @@ def task_summary(task: Task, *, agent_online: bool) -> dict[str, Any]:
         "updated_at": format_ts(task.updated_at),
         "task_id": task.task_id,
         "agent": agent_online,
+        # Silent while its IDC is disrupted: not failed (lpmosd.roles.disruption).
+        "unreachable": unreachable,
     }
 
 
@@ -170,6 +172,8 @@ class MachineState:
     meta: MachineMeta | None = None
     meta_rev: int = 0
     agent_online: bool = False
+    #: The control plane's disruption guard marked the agent unreachable.
+    unreachable: bool = False
 
 
 @dataclass(eq=False)
@@ -359,6 +363,7 @@ class LiveHub:
         current = self.machines.get(machine, MachineState())
         new = MachineState(current.task, current.task_rev, current.meta, current.meta_rev)
         new.agent_online = current.agent_online
+        new.unreachable = current.unreachable
         if change.kv is None:
             if parsed.kind == "task":
                 new.task, new.task_rev = None, 0
@@ -391,16 +396,26 @@ class LiveHub:
             eid = self._next_id(revision)
             frame = _frame(eid, "meta", {"key": machine, "meta": meta})
             self._publish(LiveEvent(eid, machine, None, frame))
-        if new.agent_online != old.agent_online:
+        if new.agent_online != old.agent_online or new.unreachable != old.unreachable:
             eid = self._next_id(revision)
-            data = {"key": machine, "online": new.agent_online}
+            data = {"key": machine, "online": new.agent_online, "unreachable": new.unreachable}
             frame = _frame(eid, "agent", data)
             self._publish(LiveEvent(eid, machine, frame, frame))
+
+    def set_unreachable(self, idc: str, sn: str, unreachable: bool) -> None:
+        """The disruption guard (un)marked a machine's agent as unreachable."""
+        machine = machine_id(idc, sn)
+        current = self.machines.get(machine)
+        if current is None or current.unreachable == unreachable:
+            return
+        new = MachineState(current.task, current.task_rev, current.meta, current.meta_rev)
+        new.agent_online, new.unreachable = current.agent_online, unreachable
+        self._sync_machine(machine, new, self._last[0])
 
     def _publish_task(self, machine: str, new: MachineState, prev: Task | None, rev: int) -> None:
         assert new.task is not None
         eid = self._next_id(rev)
-        summary = task_summary(new.task, agent_online=new.agent_online)
+        summary = task_summary(new.task, agent_online=new.agent_online, unreachable=new.unreachable)
         table = {"key": machine, "summary": summary, "counts": self.counts_dict()}
         detail = {
             "key": machine,

@@ -142,6 +142,7 @@ class RoleCollector(Collector):
         """The metric families (read at scrape time; no etcd request)."""
         tasks: Counter[tuple[str, str]] = Counter()
         agents: Counter[str] = Counter()
+        unreachable: Counter[str] = Counter()
         clients = 0
         events = 0
         hub = self._hub() if self._hub is not None else None
@@ -154,6 +155,8 @@ class RoleCollector(Collector):
             for machine, state in hub.machines.items():
                 if state.agent_online:
                     agents[machine.partition("/")[0]] += 1
+                elif state.unreachable:
+                    unreachable[machine.partition("/")[0]] += 1
         yield _family(
             GaugeMetricFamily,
             "lpmosd_tasks",
@@ -167,6 +170,14 @@ class RoleCollector(Collector):
             "Machines whose agent holds a live lease, by IDC (control plane's view).",
             ["idc"],
             agents,
+        )
+        yield _family(
+            GaugeMetricFamily,
+            "lpmosd_agents_unreachable",
+            "Machines whose agent is silent while its IDC is disrupted (tasks kept, not "
+            "failed), by IDC.",
+            ["idc"],
+            unreachable,
         )
         yield GaugeMetricFamily(
             "lpmosd_dashboard_clients", "Open dashboard event streams.", value=clients

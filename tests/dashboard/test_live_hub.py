@@ -215,6 +215,31 @@ async def test_meta_and_lease_events_and_deletion() -> None:
     assert hub.counts_dict() == {}
 
 
+async def test_unreachable_mark_reaches_table_and_page() -> None:
+    """The disruption guard's mark: an "agent" event with ``unreachable`` and the flag in
+    the row summary; clearing it publishes again; unknown machines are ignored."""
+    hub, _, task = hub_with_task()
+    with (
+        hub.subscribe(machine="dc1/sn-001", since=(10, 0)) as page,
+        hub.subscribe(machine=None, since=(10, 0)) as table,
+    ):
+        hub.set_unreachable("dc1", "sn-001", True)
+        hub.set_unreachable("dc1", "sn-001", True)  # no change: no event
+        hub.set_unreachable("dc1", "sn-404", True)
+        task_key = schema.task_key("dc1", "sn-001")
+        hub.apply(Change(task_key, kv(task_key, task.to_json(), 11), None, 11))
+        hub.set_unreachable("dc1", "sn-001", False)
+        page_events = frames(drain(page.receive))
+        table_events = frames(drain(table.receive))
+    assert [e for _, e, _ in page_events] == ["agent", "task", "agent"]
+    assert page_events[0][2] == {"key": "dc1/sn-001", "online": False, "unreachable": True}
+    assert page_events[1][2]["summary"]["unreachable"] is True
+    assert page_events[2][2]["unreachable"] is False
+    assert [e for _, e, _ in table_events] == ["agent", "task", "agent"]
+    state = hub.machine("dc1", "sn-001")
+    assert state is not None and not state.unreachable
+
+
 def test_log_delta() -> None:
     t = new_task()
     more = models.append_logs(t, ["a", "b"], now=T0)

@@ -18,6 +18,7 @@ from lpmosd.etcd import EtcdClient, open_client
 from lpmosd.etcd_process import EtcdProcess
 from lpmosd.models import CreateTaskRequest, MachineMeta, TaskStatus, utcnow
 from lpmosd.roles.control_plane import HEARTBEAT_LOST, SESSION_PREFIX, session_value_host
+from lpmosd.roles.regional import session_key
 from lpmosd.store import Store
 
 S = TaskStatus
@@ -25,8 +26,15 @@ IDC, MAC = "dc1", "00:1a:2b:3c:4d:5e"
 CP_ONLY = frozenset({ROLE_CONTROL_PLANE})
 
 
+async def regional_up(client: EtcdClient) -> None:
+    """The IDC's regional holds its session (the reaper fails nothing while it does not:
+    see lpmosd.roles.disruption)."""
+    await client.put(session_key(IDC), '{"role":"regional","agent_lease_ttl":"60"}')
+
+
 async def setup_task(store: Store, client: EtcdClient, sn: str, status: TaskStatus) -> int:
     """A task for ``sn`` in ``status`` whose agent holds a live lease; returns the lease."""
+    await regional_up(client)
     req = CreateTaskRequest.from_obj({**GUIDE_TASK, "sn": sn})
     await store.create_task(req, actor="test")
     lease = await client.lease_grant(60)
@@ -156,6 +164,7 @@ async def test_corrupt_task_document_does_not_kill_the_reaper(
     async with open_daemon(make_config(etcd.endpoints, roles=CP_ONLY)) as daemon:
         cp = daemon.control_plane
         assert cp is not None
+        await regional_up(client)
         lease = await client.lease_grant(60)
         await client.put(schema.task_key(IDC, "sn-bad"), b'{"status": "installing"}')
         await client.put(schema.lease_key(IDC, "sn-bad"), f"lease-{lease.id}", lease=lease.id)
@@ -192,3 +201,63 @@ async def test_reaper_works_across_a_session_restart(
         t0 = trio.current_time()
         await client.delete(schema.lease_key(IDC, "sn-001"))
         assert await wait_status(store, "sn-001", S.FAILED) - t0 < 1.0
+
+
+async def test_many_agents_silent_at_once_are_kept_until_the_idc_recovers(
+    etcd: EtcdProcess, store: Store, client: EtcdClient
+) -> None:
+    """The regional keeps its session but most agents go silent together (their network
+    failed): their tasks are marked unreachable, not failed. Those heard again carry on;
+    the one that stays silent is failed a lease TTL after the IDC is healthy again."""
+    ttl = 4
+    sns = [f"sn-{i}" for i in range(8)]
+    silent, healthy = sns[:6], sns[6:]
+    leases: dict[str, int] = {}
+
+    async def bind(sn: str) -> None:
+        lease = await client.lease_grant(ttl)
+        await client.put(schema.lease_key(IDC, sn), f"lease-{lease.id}", lease=lease.id)
+        leases[sn] = lease.id
+
+    async def keep_alive(nursery_sns: list[str]) -> None:
+        while True:
+            for sn in nursery_sns:
+                await client.keepalive_once(leases[sn])
+            await trio.sleep(0.5)
+
+    async with open_daemon(make_config(etcd.endpoints, roles=CP_ONLY)) as daemon:
+        cp = daemon.control_plane
+        assert cp is not None
+        for sn in sns:
+            await setup_task(store, client, sn, S.INSTALLING)
+        await client.put(session_key(IDC), f'{{"role":"regional","agent_lease_ttl":"{ttl}"}}')
+        for sn in sns:
+            await bind(sn)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_alive, healthy)
+            # The six silent leases expire together, a lease TTL from now.
+            with trio.fail_after(ttl + 5):
+                while True:
+                    guard = cp.guard
+                    if guard and all(guard.unreachable_since(IDC, sn) for sn in silent):
+                        break
+                    await trio.sleep(0.05)
+            listed = {t.sn: t.status for t in await store.list_tasks(idc=IDC)}
+            assert listed == dict.fromkeys(sns, S.INSTALLING)
+            assert cp.agent_state(IDC, silent[0])["agent_state"] == "unreachable"
+            assert cp.agent_state(IDC, healthy[0]) == {"agent_state": "online"}
+            # Five agents come back (they register again: new leases); one never does.
+            back = silent[:5]
+            for sn in back:
+                await bind(sn)
+            nursery.start_soon(keep_alive, back)
+            t_back = trio.current_time()
+            took = await wait_status(store, silent[5], S.FAILED, timeout=ttl * 3) - t_back
+            assert took >= ttl - 0.5, f"failed {took:.2f}s after the IDC recovered"
+            task = (await store.get_task(IDC, silent[5])).task
+            assert task.error == HEARTBEAT_LOST
+            listed = {t.sn: t.status for t in await store.list_tasks(idc=IDC)}
+            assert listed == {**dict.fromkeys(sns, S.INSTALLING), silent[5]: S.FAILED}
+            assert guard.unreachable_counts() == {IDC: 0}
+            nursery.cancel_scope.cancel()
+        assert cp.reaped == 1

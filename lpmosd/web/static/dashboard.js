@@ -155,10 +155,17 @@
       var time = field(tr, "updated_at");
       time.textContent = s.updated_at;
       time.setAttribute("datetime", s.updated_at);
-      field(tr, "agent").classList.toggle("agent-on", !!s.agent);
+      setRowAgent(tr, !!s.agent, !!s.unreachable);
       tr.classList.remove("flash");
       void tr.offsetWidth; // restart the highlight animation
       tr.classList.add("flash");
+    }
+
+    function setRowAgent(tr, online, unreachable) {
+      var node = field(tr, "agent");
+      node.classList.toggle("agent-on", online);
+      node.classList.toggle("agent-unreachable", unreachable && !online);
+      node.title = online ? "agent online" : (unreachable ? "agent unreachable" : "agent offline");
     }
 
     function updateCounts(counts) {
@@ -205,7 +212,7 @@
     source.addEventListener("agent", function (ev) {
       var d = data(ev);
       var row = rowOf(d.key);
-      if (row) { field(row, "agent").classList.toggle("agent-on", !!d.online); }
+      if (row) { setRowAgent(row, !!d.online, !!d.unreachable); }
     });
   }
 
@@ -218,10 +225,11 @@
     function scrollLogsDown() { logs.scrollTop = logs.scrollHeight; }
     scrollLogsDown();
 
-    function setAgent(online) {
+    function setAgent(online, unreachable) {
       var node = document.getElementById("agent");
       node.classList.toggle("agent-on", online);
-      node.textContent = online ? "agent online" : "agent offline";
+      node.classList.toggle("agent-unreachable", !!unreachable && !online);
+      node.textContent = online ? "agent online" : (unreachable ? "agent unreachable" : "agent offline");
     }
 
     function showActions(status) {
@@ -366,7 +374,7 @@
       var s = d.summary;
       var t = d.detail;
       setBadge(document.getElementById("status"), s.status);
-      setAgent(!!s.agent);
+      setAgent(!!s.agent, !!s.unreachable);
       var err = document.getElementById("task-error");
       err.hidden = !(t.error && s.status === "failed");
       err.querySelector("[data-field='error']").textContent = t.error || "";
@@ -385,7 +393,10 @@
       setAgent(false);
     });
     source.addEventListener("meta", function (ev) { renderMeta(data(ev).meta); });
-    source.addEventListener("agent", function (ev) { setAgent(!!data(ev).online); });
+    source.addEventListener("agent", function (ev) {
+      var d = data(ev);
+      setAgent(!!d.online, !!d.unreachable);
+    });
   }
 
   if (page === "index") {
