@@ -91,6 +91,9 @@ class Operator:
         out: dict[str, Any] = r.json()
         if "enrollment_secret" in out:
             self.secret = out.pop("enrollment_secret")
+        # Read answers add the agent's state to the task document (not part of it).
+        out.pop("agent_state", None)
+        out.pop("agent_unreachable_since", None)
         return out
 
     async def create(self) -> dict[str, Any]:
