@@ -247,6 +247,12 @@ class RegionalConfig:
     #: only choice is open (default) or not served (404).
     metrics_public: bool = True
     plans: Mapping[str, Plan] = field(default_factory=_default_plans)
+    #: Where the regional keeps its journal of reports etcd could not take yet.
+    state_dir: Path = Path("/var/lib/lpmosd")
+    #: Reports the journal holds at most (beyond: 503, the agents retry).
+    journal_max_entries: int = 100_000
+    #: Seconds an agent report waits for etcd before it is journaled instead.
+    journal_after: float = 2.0
 
     def plan_for(self, os_type: str) -> Plan | None:
         """The install plan for ``os_type`` (``"demo"`` always has one), or ``None``.
@@ -583,6 +589,9 @@ def _parse_regional(value: object, path: str, base: Path) -> RegionalConfig:
             "rate_limit_burst",
             "metrics_public",
             "plans",
+            "state_dir",
+            "journal_max_entries",
+            "journal_after",
         ),
     )
     idc = _idc(sec.get("idc", ""), sec.key("idc"))
@@ -627,7 +636,22 @@ def _parse_regional(value: object, path: str, base: Path) -> RegionalConfig:
         ),
         metrics_public=_boolean(sec.get("metrics_public", True), sec.key("metrics_public")),
         plans=plans,
+        state_dir=_directory(sec.get("state_dir", "/var/lib/lpmosd"), sec.key("state_dir"), base),
+        journal_max_entries=_integer(
+            sec.get("journal_max_entries", 100_000), sec.key("journal_max_entries"), 1, 10_000_000
+        ),
+        journal_after=_number(
+            sec.get("journal_after", 2.0), sec.key("journal_after"), 0, 60, lo_open=True
+        ),
     )
+
+
+def _directory(value: object, path: str, base: Path) -> Path:
+    text = _string(value, path)
+    if not text:
+        raise ConfigError(path, "must not be empty")
+    directory = Path(text)
+    return directory if directory.is_absolute() else base / directory
 
 
 def _parse_plans(value: object, path: str) -> Mapping[str, Plan]:

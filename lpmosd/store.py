@@ -422,6 +422,24 @@ class Store:
 
     # --- agent operations (regional) -----------------------------------------------------
 
+    async def bind_lease(self, idc: str, sn: str, lease_id: int, *, task_revision: int) -> bool:
+        """Bind ``lease_id`` as the agent lease of ``sn``, unless a lease key is there or
+        the task changed since ``task_revision``; True when bound.
+
+        The regional re-establishes the leases of agents it heard while etcd was away
+        (they expired meanwhile) without making each agent register again.
+        """
+        lease_key = schema.lease_key(idc, sn)
+        r = await self.client.txn(
+            [
+                Compare.absent(lease_key),
+                Compare.mod_revision(schema.task_key(idc, sn), "==", task_revision),
+            ],
+            [put(lease_key, lease_value(lease_id), lease=lease_id)],
+            [],
+        )
+        return r.succeeded
+
     async def register_agent(
         self,
         idc: str,

@@ -8,8 +8,10 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -84,6 +86,7 @@ def make_config(
     request_timeout: float = 10.0,
     rate_limit_per_second: float = 100_000.0,
     rate_limit_burst: int = 100_000,
+    state_dir: Path | None = None,
 ) -> Config:
     """A loopback config like ``dev_config`` but with any port (0: ephemeral) and TTLs.
 
@@ -106,6 +109,8 @@ def make_config(
             session_ttl=session_ttl,
             rate_limit_per_second=rate_limit_per_second,
             rate_limit_burst=rate_limit_burst,
+            # The regional's journal: never the system's /var/lib/lpmosd in tests.
+            state_dir=state_dir or Path(tempfile.mkdtemp(prefix="lpmosd-test-state-")),
         )
         if ROLE_REGIONAL in roles
         else None,

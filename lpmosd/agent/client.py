@@ -378,8 +378,20 @@ class AgentClient:
 
     # ------------------------------------------------------------------ transport
 
-    async def _send(self, method: str, path: str, body: Mapping[str, Any] | None) -> httpx.Response:
-        """One call with retries on transient failures; returns the final response."""
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+        *,
+        persistent: bool = False,
+    ) -> httpx.Response:
+        """One call with retries on transient failures; returns the final response.
+
+        A ``persistent`` call (a report: progress, logs, complete, fail) is never given up:
+        the retry budget does not apply, so no report is dropped however long the regional
+        is away.
+        """
         policy = self.retry
         started = trio.current_time()
         attempt = 0
@@ -407,7 +419,7 @@ class AgentClient:
                 problem = f"HTTP {resp.status_code}: {_error_of(resp).message}"
                 wait = _retry_after(resp)
             elapsed = trio.current_time() - started
-            if elapsed >= policy.total:
+            if elapsed >= policy.total and not persistent:
                 log.error(
                     "giving up on the regional",
                     extra={"path": path, "attempts": attempt, "error": problem},
@@ -418,7 +430,8 @@ class AgentClient:
             delay = policy.delay(attempt)
             if wait is not None:
                 delay = min(max(delay, wait), policy.maximum)
-            delay = min(delay, policy.total - elapsed)
+            if not persistent:
+                delay = min(delay, policy.total - elapsed)
             level = logging.WARNING if attempt % _WARN_EVERY == 1 else logging.DEBUG
             log.log(
                 level,
@@ -433,12 +446,17 @@ class AgentClient:
             await trio.sleep(delay)
 
     async def _call(
-        self, method: str, path: str, body: Mapping[str, Any] | None = None
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        persistent: bool = False,
     ) -> dict[str, Any]:
         """A call with retries and re-registration on 401; returns the JSON object answered."""
         for reauthed in (False, True):
             generation = self._token_generation
-            resp = await self._send(method, path, body)
+            resp = await self._send(method, path, body, persistent=persistent)
             if resp.status_code == 401:
                 ended = _ended_status(resp)
                 if ended is not None:
@@ -524,24 +542,34 @@ class AgentClient:
         )
 
     async def progress(self, step: str, percent: int, message: str) -> None:
-        """``POST /{sn}/progress``; a 409 means the task is no longer being installed."""
+        """``POST /{sn}/progress``; a 409 means the task is no longer being installed.
+
+        Reports are retried until the regional answers (never dropped); it answers 200
+        (committed to etcd) or 202 (journaled while etcd is away, applied later in order).
+        """
         await self._call(
             "POST",
             f"{self._base}/progress",
             {"step": step, "percent": percent, "message": message},
+            persistent=True,
         )
 
     async def logs(self, lines: Sequence[str], level: LogLevel = "INFO") -> None:
-        """``POST /{sn}/logs`` with at most 100 lines."""
+        """``POST /{sn}/logs`` with at most 100 lines (a report: retried until answered)."""
         if lines:
-            await self._call("POST", f"{self._base}/logs", {"lines": list(lines), "level": level})
+            await self._call(
+                "POST",
+                f"{self._base}/logs",
+                {"lines": list(lines), "level": level},
+                persistent=True,
+            )
 
     async def complete(self) -> str:
-        """``POST /{sn}/complete``; returns the new status."""
-        body = await self._call("POST", f"{self._base}/complete", {})
+        """``POST /{sn}/complete`` (a report); returns the status the regional knows."""
+        body = await self._call("POST", f"{self._base}/complete", {}, persistent=True)
         return str(body.get("status", ""))
 
     async def fail(self, reason: str) -> str:
-        """``POST /{sn}/fail``; returns the new status."""
-        body = await self._call("POST", f"{self._base}/fail", {"reason": reason})
+        """``POST /{sn}/fail`` (a report); returns the status the regional knows."""
+        body = await self._call("POST", f"{self._base}/fail", {"reason": reason}, persistent=True)
         return str(body.get("status", ""))

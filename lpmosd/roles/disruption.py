@@ -141,11 +141,19 @@ class DisruptionGuard:
         return health
 
     def load(self) -> None:
-        """Take the view's current keys in (call once, after it synced)."""
+        """Take the view's current keys in (call once, after it synced).
+
+        What happened before is unknown (this control plane, or its session, just started;
+        etcd may just be back from an outage): every IDC counts as recovering, so tasks
+        found without a lease get a full lease TTL for their agents to register again.
+        """
+        now = trio.current_time()
         for key, kv in list(self.view.items.items()):
             idc = regional_idc(key)
             if idc is not None:
-                self._health(idc)
+                health = self._health(idc)
+                if not health.disrupted:
+                    health.calm_since = now
                 continue
             parsed = schema.parse_key(key)
             if parsed is not None and parsed.kind == "lease":
@@ -182,6 +190,11 @@ class DisruptionGuard:
         health = self._health(idc)
         now = trio.current_time()
         health.live.pop(sn, None)
+        task = self.view.get(schema.task_key(idc, sn))
+        if task is None or not _active(task.value):
+            # Finished (the agent's lease goes with it), or gone: nothing to decide. Deciding
+            # later could hit the task's next life (retried a moment after it failed).
+            return
         health.vanished[sn] = now
         if sn not in health.unreachable:
             health.pending[sn] = (now + self.config.decision_delay, why)

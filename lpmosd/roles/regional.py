@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import trio
 
@@ -19,9 +20,10 @@ from lpmosd import schema
 from lpmosd._trio_util import open_nursery
 from lpmosd.config import RegionalConfig
 from lpmosd.credentials import AgentToken
-from lpmosd.errors import EtcdError, ValidationError
-from lpmosd.etcd import EtcdClient, HeldLease
-from lpmosd.models import Task
+from lpmosd.errors import EtcdError, InputError, UnavailableError, ValidationError
+from lpmosd.etcd import EtcdClient, HeldLease, KeyValue
+from lpmosd.models import ACTIVE_AGENT, Task, TaskStatus
+from lpmosd.roles.journal import Entry, Op, ReportJournal
 from lpmosd.roles.session import SessionState, run_session, session_value
 from lpmosd.store import Store, parse_lease_value
 from lpmosd.taskwriter import TaskWriter
@@ -55,8 +57,32 @@ class Regional:
     #: Batched, coalesced writes of agents' progress reports (see lpmosd.taskwriter).
     writer: TaskWriter = field(init=False)
 
+    #: Reports etcd could not take yet, applied in order when it answers (see journal.py).
+    journal: ReportJournal = field(init=False)
+    _journal_wake: trio.Event = field(default_factory=trio.Event)
+
     def __post_init__(self) -> None:
         self.writer = TaskWriter(self.store)
+        self.journal = ReportJournal(
+            self.config.state_dir, self.config.idc, max_entries=self.config.journal_max_entries
+        )
+
+    @property
+    def autonomous(self) -> bool:
+        """True while the regional serves its agents from its last view without a session
+        (etcd unreachable): reports go to the journal."""
+        return not self.session.running and self.machines is not None
+
+    def journal_report(self, sn: str, op: Op, args: dict[str, Any]) -> None:
+        """Journal one agent report durably (JournalFullError: 503, the agent retries)."""
+        try:
+            self.journal.append(sn, op, args)
+        except OSError as exc:
+            log.error("cannot write the report journal", extra={"error": str(exc)})
+            raise UnavailableError(
+                "etcd is unreachable and the report journal is not writable"
+            ) from exc
+        self._journal_wake.set()
 
     @property
     def idc(self) -> str:
@@ -84,8 +110,13 @@ class Regional:
         from lpmosd.web.agent_app import create_agent_app
 
         app = create_agent_app(self)
+        try:
+            self.journal.load()
+        except OSError as exc:
+            log.error("cannot read the report journal", extra={"error": str(exc)})
         async with open_nursery() as nursery:
             await nursery.start(self.writer.run)
+            nursery.start_soon(self._apply_journal)
             self.url = await nursery.start(
                 partial(
                     serve_app,
@@ -127,20 +158,74 @@ class Regional:
         servers.listeners.append(self._on_server)
         machines.listeners.append(self._on_machine_key)
         self.agent_tokens.clear()
-        try:
-            async with open_nursery() as nursery:
-                await nursery.start(servers.run)
-                await nursery.start(machines.run)
-                self.servers, self.machines = servers, machines
-                live = sum(1 for k in machines.items if k.endswith("/lease"))
-                log.info(
-                    "regional synced",
-                    extra={"idc": self.idc, "servers": len(servers.items), "live_agents": live},
-                )
-                task_status.started()
-                await trio.sleep_forever()
-        finally:
-            self.servers = self.machines = None
+        # When the session ends the views stay, frozen: agents are served from them while
+        # etcd is away (reports go to the journal) until a new session replaces them.
+        await self._session_work(servers, machines, task_status)
+
+    async def _session_work(
+        self, servers: PrefixView, machines: PrefixView, task_status: trio.TaskStatus[None]
+    ) -> None:
+        async with open_nursery() as nursery:
+            await nursery.start(servers.run)
+            await nursery.start(machines.run)
+            self.servers, self.machines = servers, machines
+            await self._rebind_leases(machines)
+            live = sum(1 for k in machines.items if k.endswith("/lease"))
+            log.info(
+                "regional synced",
+                extra={"idc": self.idc, "servers": len(servers.items), "live_agents": live},
+            )
+            self._journal_wake.set()
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _rebind_leases(self, machines: PrefixView) -> None:
+        """At session start: give a fresh lease to every enrolled agent of an approved or
+        installing task whose lease is gone (it expired while etcd was away from us, or
+        while we were down), so no task is failed for our outage and no agent has to
+        register again. An agent that really died is failed a lease TTL later, as usual.
+        A task without an agent token (retried, its machine not booted yet) is left alone.
+        """
+        ttl = self.config.agent_lease_ttl
+        limiter = trio.CapacityLimiter(32)
+        bound = [0]
+
+        async def rebind(sn: str, kv: KeyValue) -> None:
+            async with limiter:
+                try:
+                    lease = await self.client.lease_grant(ttl)
+                except EtcdError as exc:
+                    log.warning("cannot re-establish a lease", extra={"sn": sn, "error": str(exc)})
+                    return
+                try:
+                    ok = await self.store.bind_lease(
+                        self.idc, sn, lease.id, task_revision=kv.mod_revision
+                    )
+                except EtcdError:
+                    ok = False
+                if ok:
+                    bound[0] += 1
+                else:
+                    await self.revoke_quietly(lease.id)
+
+        async with open_nursery() as nursery:
+            for key, kv in list(machines.items.items()):
+                parsed = schema.parse_key(key)
+                if parsed is None or parsed.kind != "task":
+                    continue
+                sn = parsed.sn
+                if machines.get(schema.lease_key(self.idc, sn)) is not None:
+                    continue
+                if machines.get(schema.agent_token_key(self.idc, sn)) is None:
+                    continue
+                try:
+                    status = Task.from_json(kv.value).status
+                except ValidationError:
+                    continue
+                if status in ACTIVE_AGENT:
+                    nursery.start_soon(rebind, sn, kv)
+        if bound[0]:
+            log.info("agent leases re-established", extra={"idc": self.idc, "agents": bound[0]})
 
     def _on_server(self, change: Change) -> None:
         if change.kv is not None and change.prev is None and not change.relisted:
@@ -163,6 +248,67 @@ class Regional:
                 self.agent_tokens[digest] = parsed.sn
             elif self.agent_tokens.get(digest) == parsed.sn:
                 del self.agent_tokens[digest]
+
+    async def _apply_journal(self) -> None:
+        """Apply journaled reports whenever the session runs: each a CAS on its task, in
+        order per agent, agents in parallel."""
+        while True:
+            if not len(self.journal) or not self.session.running:
+                self._journal_wake = trio.Event()
+                with trio.move_on_after(1.0):
+                    await self._journal_wake.wait()
+                continue
+            limiter = trio.CapacityLimiter(32)
+            async with open_nursery() as nursery:
+                for entries in self.journal.by_agent():
+                    nursery.start_soon(self._apply_agent, entries, limiter)
+            if not len(self.journal):
+                log.info("journal applied", extra={"idc": self.idc})
+
+    async def _apply_agent(self, entries: list[Entry], limiter: trio.CapacityLimiter) -> None:
+        async with limiter:
+            for entry in entries:
+                backoff = 0.1
+                while True:
+                    if not self.session.running:
+                        return  # etcd went away again: the next round takes it up
+                    try:
+                        await self._apply(entry)
+                    except EtcdError as exc:
+                        log.warning("journal: etcd refused; retrying", extra={"error": str(exc)})
+                        await trio.sleep(backoff)
+                        backoff = min(backoff * 2, 2.0)
+                        continue
+                    except InputError as exc:
+                        # The task moved on meanwhile (an operator cancelled it, or this
+                        # report was applied before a restart): nothing left to apply.
+                        log.warning(
+                            "journal: report no longer applies; dropped",
+                            extra={"sn": entry.sn, "op": entry.op, "error": exc.message},
+                        )
+                    break
+                self.journal.applied(entry)
+
+    async def _apply(self, entry: Entry) -> None:
+        args, idc, sn = entry.args, self.idc, entry.sn
+        stored = None
+        if entry.op == "progress":
+            stored = await self.store.record_progress(
+                idc, sn, step=args["step"], percent=args["percent"], message=args["message"]
+            )
+        elif entry.op == "logs":
+            stored = await self.store.append_logs(idc, sn, args["lines"], level=args["level"])
+        else:
+            outcome = TaskStatus.COMPLETED if entry.op == "complete" else TaskStatus.FAILED
+            lease_id = self.lease_id(sn) or await self.store.get_lease_id(idc, sn)
+            stored = await self.store.finish(
+                idc, sn, outcome=outcome, reason=str(args.get("reason", ""))
+            )
+            await self.revoke_quietly(lease_id)
+            self.heartbeats.pop(sn, None)
+        view = self.machines
+        if view is not None and stored.kv is not None:
+            view.observe(stored.kv)
 
     async def revoke_quietly(self, lease_id: int | None) -> None:
         """Revoke an agent lease; failures only cost a TTL of waiting."""

@@ -26,7 +26,9 @@ Authentication (see :mod:`lpmosd.credentials` for what is stored):
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
@@ -38,6 +40,7 @@ from lpmosd.credentials import MAX_SECRET_CHARS, AgentToken, Enrolment, hash_sec
 from lpmosd.errors import (
     AuthenticationError,
     ConflictError,
+    EtcdError,
     LeaseNotFoundError,
     NotFoundError,
     PermissionDeniedError,
@@ -56,6 +59,7 @@ from lpmosd.models import (
     TaskStatus,
     utcnow,
 )
+from lpmosd.roles.journal import Op
 from lpmosd.store import LIVE, StoredTask
 from lpmosd.view import PrefixView
 from lpmosd.web.common import (
@@ -85,6 +89,12 @@ AGENT_AUTH_FAILURES = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+JOURNALED = Counter(
+    "lpmosd_reports_journaled_total",
+    "Agent reports journaled because etcd did not take them (applied later, in order).",
+    registry=REGISTRY,
+)
+log = logging.getLogger("lpmosd.agent_api")
 RATE_LIMITED = Counter(
     "lpmosd_rate_limited_total", "Agent API requests refused with 429.", registry=REGISTRY
 )
@@ -206,9 +216,43 @@ def create_agent_app(rg: Regional) -> QuartTrio:
 
     def machines() -> PrefixView:
         view = rg.machines
-        if not rg.session.running or view is None:
-            raise UnavailableError("regional is restarting its etcd session; retry shortly")
+        if view is None:
+            raise UnavailableError("regional is starting its etcd session; retry shortly")
+        # Without a session (etcd unreachable) the last view serves: reports are journaled.
         return view
+
+    async def report(
+        view: PrefixView,
+        sn: str,
+        task_kv: KeyValue,
+        op: Op,
+        args: dict[str, Any],
+        write: Callable[[], Awaitable[StoredTask]],
+    ) -> Response:
+        """Commit an agent report to etcd, or journal it when etcd is away (202).
+
+        A report queues behind journaled ones of the same agent (order is kept); one that
+        etcd does not take within ``journal_after`` seconds is journaled (should the write
+        land after all, the journal applies it again: idempotent for progress and finishes,
+        a log batch may be stored twice).
+        """
+        rg.heartbeats[sn] = trio.current_time()  # any report says the agent is alive
+        if not rg.autonomous and not rg.journal.has(sn):
+            try:
+                with trio.fail_after(cfg.journal_after):
+                    stored = await write()
+            except (EtcdError, trio.TooSlowError) as exc:
+                log.warning(
+                    "etcd did not take a report; journaling it",
+                    extra={"sn": sn, "op": op, "error": str(exc) or type(exc).__name__},
+                )
+            else:
+                observed(view, stored)
+                return json_response({"status": stored.task.status.value, "committed": True})
+        rg.journal_report(sn, op, args)
+        JOURNALED.inc()
+        status = rg.writer.task_of(task_kv).status.value
+        return json_response({"status": status, "committed": False, "journaled": True}, 202)
 
     async def live_lease_id(sn: str) -> int | None:
         # The view may not have the lease key of a registration a moment ago yet.
@@ -447,22 +491,31 @@ def create_agent_app(rg: Regional) -> QuartTrio:
         task_kv = await authorize(view, sn)
         no_fields(await read_json(max_body, empty_ok=True))
         task = rg.writer.task_of(task_kv)
-        lease_id = await live_lease_id(sn)
+        rg.heartbeats[sn] = trio.current_time()
+        if rg.autonomous:
+            # etcd is away: the agent is heard; its lease is re-established afterwards (the
+            # first heartbeat then finds it expired and the agent registers again).
+            return json_response({"status": task.status.value, "lease_ttl": 0, "committed": False})
+        heard = {"status": task.status.value, "lease_ttl": 0, "committed": False}
         ttl = 0
-        if lease_id and task.status not in (TaskStatus.COMPLETED, TaskStatus.CANCELLED):
-            try:
-                ttl = await rg.client.keepalive_once(lease_id)
-            except LeaseNotFoundError:
-                # A cached id may be the lease a re-registration just replaced: ask etcd.
-                fresh = await store.get_lease_id(idc, sn)
-                if fresh and fresh != lease_id:
-                    try:
-                        ttl = await rg.client.keepalive_once(fresh)
-                    except LeaseNotFoundError:
-                        ttl = 0
+        try:
+            lease_id = await live_lease_id(sn)
+            if lease_id and task.status not in (TaskStatus.COMPLETED, TaskStatus.CANCELLED):
+                try:
+                    ttl = await rg.client.keepalive_once(lease_id, timeout=cfg.journal_after)
+                except LeaseNotFoundError:
+                    # A cached id may be the lease a re-registration just replaced: ask etcd.
+                    fresh = await store.get_lease_id(idc, sn)
+                    if fresh and fresh != lease_id:
+                        try:
+                            ttl = await rg.client.keepalive_once(fresh)
+                        except LeaseNotFoundError:
+                            ttl = 0
+        except EtcdError:
+            # etcd is away and the session does not know yet: heard, as above.
+            return json_response(heard)
         if not ttl and task.status in ACTIVE_AGENT | {TaskStatus.PENDING}:
             raise ConflictError(f"agent of {sn} holds no live lease; register again", field="sn")
-        rg.heartbeats[sn] = trio.current_time()
         return json_response({"status": task.status.value, "lease_ttl": ttl})
 
     @app.post("/api/v1/agent/<sn>/progress")
@@ -471,16 +524,17 @@ def create_agent_app(rg: Regional) -> QuartTrio:
         sn = schema.validate_sn(sn)
         task_kv = await authorize(view, sn)
         req = ProgressRequest.from_obj(await read_json(max_body))
-        stored = await rg.writer.record_progress(
-            idc,
+        args: dict[str, Any] = {"step": req.step, "percent": req.percent, "message": req.message}
+        return await report(
+            view,
             sn,
-            step=req.step,
-            percent=req.percent,
-            message=req.message,
-            current=task_kv,
+            task_kv,
+            "progress",
+            args,
+            lambda: rg.writer.record_progress(
+                idc, sn, step=req.step, percent=req.percent, message=req.message, current=task_kv
+            ),
         )
-        observed(view, stored)
-        return json_response({"status": stored.task.status.value})
 
     @app.post("/api/v1/agent/<sn>/logs")
     async def logs(sn: str) -> Response:
@@ -488,19 +542,31 @@ def create_agent_app(rg: Regional) -> QuartTrio:
         sn = schema.validate_sn(sn)
         task_kv = await authorize(view, sn)
         req = LogRequest.from_obj(await read_json(max_body))
-        stored = await store.append_logs(idc, sn, req.lines, level=req.level, current=task_kv)
-        observed(view, stored)
-        return json_response({"status": stored.task.status.value})
+        return await report(
+            view,
+            sn,
+            task_kv,
+            "logs",
+            {"lines": list(req.lines), "level": req.level},
+            lambda: store.append_logs(idc, sn, req.lines, level=req.level, current=task_kv),
+        )
 
     async def finish(
         view: PrefixView, sn: str, task_kv: KeyValue, outcome: TaskStatus, reason: str
     ) -> Response:
-        lease_id = await live_lease_id(sn)
-        stored = await store.finish(idc, sn, outcome=outcome, reason=reason, current=task_kv)
-        observed(view, stored)
-        await rg.revoke_quietly(lease_id)
-        rg.heartbeats.pop(sn, None)
-        return json_response({"status": stored.task.status.value})
+        async def write() -> StoredTask:
+            lease_id = rg.lease_id(sn)
+            stored = await store.finish(idc, sn, outcome=outcome, reason=reason, current=task_kv)
+            await rg.revoke_quietly(lease_id)
+            return stored
+
+        op: Op = "complete" if outcome is TaskStatus.COMPLETED else "fail"
+        response = await report(view, sn, task_kv, op, {"reason": reason}, write)
+        if response.status_code == 200:
+            # Done with this agent. A journaled finish keeps it "heard": its lease is then
+            # re-established after the outage, until the journal has applied the finish.
+            rg.heartbeats.pop(sn, None)
+        return response
 
     @app.post("/api/v1/agent/<sn>/complete")
     async def complete(sn: str) -> Response:

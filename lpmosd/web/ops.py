@@ -200,10 +200,12 @@ class RoleCollector(Collector):
     def _regional_metrics(self) -> Iterator[Metric]:
         servers: Counter[str] = Counter()
         live: Counter[str] = Counter()
+        journal: Counter[str] = Counter()
         for ref in list(self._regionals.values()):
             rg = ref()
             if rg is None:
                 continue
+            journal[rg.idc] += len(rg.journal)
             if rg.servers is not None:
                 servers[rg.idc] += len(rg.servers.items)
             if rg.machines is not None:
@@ -223,6 +225,13 @@ class RoleCollector(Collector):
             "Agents of the regional's IDC holding a live lease.",
             ["idc"],
             live,
+        )
+        yield _family(
+            GaugeMetricFamily,
+            "lpmosd_regional_journal_entries",
+            "Agent reports journaled while etcd was away, not yet applied.",
+            ["idc"],
+            journal,
         )
 
     def _session_metrics(self) -> Iterator[Metric]:

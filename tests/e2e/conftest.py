@@ -72,6 +72,8 @@ def regional_toml(
     session_ttl: int = 3,
     plan: Sequence[tuple[str, float]] = FAST_PLAN,
     os_type: str = "Ubuntu 22.04",
+    state_dir: Path | None = None,
+    journal_after: float = 2.0,
 ) -> str:
     steps = [{"name": name, "simulate": seconds, "timeout": 600} for name, seconds in plan]
     return "\n".join(
@@ -88,6 +90,8 @@ def regional_toml(
             f"agent_lease_ttl = {agent_lease_ttl}",
             f"heartbeat_interval = {heartbeat_interval}",
             f"session_ttl = {session_ttl}",
+            *([f"state_dir = {toml_value(str(state_dir))}"] if state_dir else []),
+            f"journal_after = {journal_after}",
             f"[regional.plans.{toml_value(os_type)}]",
             f"steps = {toml_value(steps)}",
             "",
@@ -199,10 +203,14 @@ class Cluster:
         proc.start()
         return proc
 
-    async def start_regional(self, **options: Any) -> Proc:
+    async def start_regional(self, *, etcd_endpoints: Sequence[str] = (), **options: Any) -> Proc:
+        """A regional on its own port (``etcd_endpoints``: reach etcd another way, e.g. a
+        proxy the test cuts)."""
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = self.daemon("regional", regional_toml(self.endpoints, port, **options), url)
+        options.setdefault("state_dir", self.tmp / "regional-state")
+        endpoints = list(etcd_endpoints) or self.endpoints
+        proc = self.daemon("regional", regional_toml(endpoints, port, **options), url)
         proc.start()
         return proc
 

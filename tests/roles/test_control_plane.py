@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import pytest
 import trio
-from provisioning_kit import GUIDE_TASK, HARDWARE, keyspace, make_config, open_daemon, open_proxy
+from provisioning_kit import (
+    GUIDE_TASK,
+    HARDWARE,
+    keyspace,
+    make_config,
+    open_daemon,
+    open_proxy,
+    wait_for,
+)
 
 from lpmosd import schema
 from lpmosd.config import ROLE_CONTROL_PLANE
@@ -26,10 +34,11 @@ IDC, MAC = "dc1", "00:1a:2b:3c:4d:5e"
 CP_ONLY = frozenset({ROLE_CONTROL_PLANE})
 
 
-async def regional_up(client: EtcdClient) -> None:
+async def regional_up(client: EtcdClient, lease_ttl: int = 60) -> None:
     """The IDC's regional holds its session (the reaper fails nothing while it does not:
-    see lpmosd.roles.disruption)."""
-    await client.put(session_key(IDC), '{"role":"regional","agent_lease_ttl":"60"}')
+    see lpmosd.roles.disruption), announcing ``lease_ttl`` for its agents."""
+    value = f'{{"role":"regional","agent_lease_ttl":"{lease_ttl}"}}'
+    await client.put(session_key(IDC), value)
 
 
 async def setup_task(store: Store, client: EtcdClient, sn: str, status: TaskStatus) -> int:
@@ -149,11 +158,19 @@ async def test_delete_lost_to_compaction_is_still_reaped(private_etcd: EtcdProce
 async def test_installing_task_without_lease_at_start_is_reaped(
     etcd: EtcdProcess, store: Store, client: EtcdClient
 ) -> None:
-    """The delete happened while no control plane was running."""
+    """The delete happened while no control plane was running: the task gets one lease TTL
+    for its agent to come back (what happened meanwhile is unknown), then fails."""
     await setup_task(store, client, "sn-001", S.INSTALLING)
+    await regional_up(client, lease_ttl=2)
     await client.delete(schema.lease_key(IDC, "sn-001"))
-    async with open_daemon(make_config(etcd.endpoints, roles=CP_ONLY)):
-        await wait_status(store, "sn-001", S.FAILED)
+    async with open_daemon(make_config(etcd.endpoints, roles=CP_ONLY)) as daemon:
+        cp = daemon.control_plane
+        assert cp is not None
+        t0 = trio.current_time()
+        await wait_for(lambda: cp.guard is not None, what="the control plane's session")
+        assert cp.agent_state(IDC, "sn-001")["agent_state"] in ("offline", "unreachable")
+        took = await wait_status(store, "sn-001", S.FAILED) - t0
+        assert took >= 2 - 0.1, f"failed {took:.2f}s after start, before a lease TTL"
 
 
 async def test_corrupt_task_document_does_not_kill_the_reaper(

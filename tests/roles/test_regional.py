@@ -2,8 +2,9 @@
 
 Session loss is made real twice: the session lease is revoked from outside (its id is in
 the session key), and etcd is frozen (SIGSTOP) for longer than the session TTL. Either way
-the session's nursery must be cancelled — nothing of the old session left running —
-the agent API must answer 503 meanwhile, and the role must come back with a fresh lease.
+the session's nursery must be cancelled — nothing of the old session left running — and
+the role must come back with a fresh lease. Meanwhile the agent API serves from the last
+view: reads answer, reports are journaled (202) and applied when etcd is back.
 """
 
 from __future__ import annotations
@@ -112,20 +113,29 @@ async def test_revoked_session_lease_restarts_the_role_cleanly(
             assert (await http.get("/readyz")).status_code == 200
 
 
-async def test_frozen_etcd_expires_session_503_then_recovers(
+async def test_frozen_etcd_expires_session_view_serves_journal_applies(
     private_etcd: EtcdProcess, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """SIGSTOP etcd past the session TTL: the lease is lost, the API says 503, and after
-    SIGCONT the role restarts with a new lease and serves again."""
+    """SIGSTOP etcd past the session TTL: the lease is lost, the agent API serves from its
+    view (a progress report is journaled: 202), /readyz says 503; after SIGCONT the role
+    restarts with a new lease and the journaled report is applied."""
     caplog.set_level(logging.INFO, "lpmosd")
     config = make_config(private_etcd.endpoints, roles=RG_ONLY, session_ttl=3, request_timeout=3)
     async with open_client(private_etcd.endpoints) as client, open_daemon(config) as daemon:
         rg = regional(daemon)
         store = Store(client)
         auth = await create_and_register(store, rg.url)
+        await store.approve("dc1", SN, approved_by="op")
         old_lease = rg.session.lease
         old_machines = rg.machines
         assert old_lease is not None and old_machines is not None
+        await wait_for(
+            lambda: (
+                old_machines.revision >= 0
+                and "approved" in old_machines.items[schema.task_key("dc1", SN)].value.decode()
+            ),
+            what="the approval in the view",
+        )
 
         async with httpx.AsyncClient(base_url=rg.url, timeout=5, headers=auth) as http:
             await private_etcd.apause()
@@ -135,12 +145,17 @@ async def test_frozen_etcd_expires_session_503_then_recovers(
                     while rg.session.running:  # noqa: ASYNC110 - watching in-process state
                         await trio.sleep(0.05)
                 r = await http.get(f"/api/v1/agent/{SN}/task")
-                assert r.status_code == 503, r.text
-                assert "error" in r.json()
+                assert r.status_code == 200, r.text
+                assert r.json()["task"]["status"] == "approved"
                 r = await http.post(
                     f"/api/v1/agent/{SN}/progress", json={"step": "partitioning", "percent": 1}
                 )
-                assert r.status_code == 503, r.text
+                assert r.status_code == 202, r.text
+                assert r.json() == {"status": "approved", "committed": False, "journaled": True}
+                r = await http.post(f"/api/v1/agent/{SN}/heartbeat")
+                assert r.status_code == 200, r.text
+                assert r.json()["committed"] is False
+                assert len(rg.journal) == 1
                 assert (await http.get("/readyz")).status_code == 503
                 assert (await http.get("/healthz")).status_code == 200
                 await trio.sleep(1.5)  # well past the session TTL
@@ -158,9 +173,13 @@ async def test_frozen_etcd_expires_session_503_then_recovers(
             assert await client.lease_time_to_live(old_lease.id) is None
             kv = await client.get(session_key("dc1"))
             assert kv is not None and kv.lease == new_lease.id
+            await wait_for(lambda: len(rg.journal) == 0, timeout=10, what="journal applied")
+            task = (await store.get_task("dc1", SN)).task
+            assert task.status.value == "installing"
+            assert [(p.step, p.percent) for p in task.progress][-1] == ("partitioning", 1)
             r = await http.get(f"/api/v1/agent/{SN}/task")
             assert r.status_code == 200, r.text
-            assert r.json()["task"]["status"] == "pending"
+            assert r.json()["task"]["status"] == "installing"
     assert "session lease lost" in caplog.text
 
 
