@@ -12,7 +12,7 @@ from typing import TypeVar
 import betterproto2
 import trio
 
-from lpmosd import metrics
+from lpmosd import hooks, metrics
 from lpmosd._trio_util import open_nursery
 from lpmosd.errors import (
     ContentionError,
@@ -359,6 +359,9 @@ class EtcdClient:
             term = fence.compare()
             compare = [*compare, term]
             failure = [*failure, Get(term.key)]
+            # A process paused here (between deciding it leads and etcd hearing of it) is
+            # what fencing is for.
+            await hooks.reach("etcd.fenced-txn")
         if len(success) > MAX_TXN_OPS or len(failure) > MAX_TXN_OPS:
             raise EtcdRequestError(f"a transaction takes at most {MAX_TXN_OPS} operations")
         req = pb.TxnRequest(
