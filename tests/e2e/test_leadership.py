@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import trio
+from fault_table import record
 
 from lpmosd import schema
 from lpmosd.etcd import EtcdClient, open_client
@@ -133,6 +134,11 @@ async def test_standby_regional_takes_over_and_the_paused_one_writes_nothing(
         assert await writes_since(client, before, ignore=election) == [], first.tail()
         assert "lost the leadership" in first.log.read_text(), first.tail()
         assert (await metric(first, "lpmosd_role_active")).endswith(" 0.0")
+        record(
+            "active regional SIGSTOPped before a write (processes, 1 etcd)",
+            f"standby active after {takeover:.1f} s (session TTL {TTL} s); the agent finished "
+            "through its second URL; woken, the old one's Txn was refused: 0 keys written",
+        )
         leaders = (await client.get_prefix(election)).kvs
         assert (
             len(leaders) == 2

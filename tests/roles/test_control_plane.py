@@ -11,6 +11,7 @@ from __future__ import annotations
 import httpx
 import pytest
 import trio
+from fault_table import record
 from provisioning_kit import (
     GUIDE_TASK,
     HARDWARE,
@@ -265,3 +266,7 @@ async def test_two_control_planes_one_reaps_and_a_paused_leader_writes_nothing(
             assert refused and "lost the leadership" in refused[0].__dict__["error"]
             history = (await store.get_task(IDC, "sn-002")).task.status_history
             assert [h.status for h in history].count(S.FAILED) == 1
+    record(
+        "control-plane leader's reap held past its lease (2 control planes)",
+        "the standby took over and reaped; the old leader's fenced Txn was refused: 0 writes",
+    )
