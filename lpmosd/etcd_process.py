@@ -754,7 +754,7 @@ class EtcdCluster:
         log_level: str = "warn",
     ) -> None:
         ports = _free_ports(2 * size)
-        names = [f"m{i}" for i in range(size)]
+        names = [f"lpmosd-m{i}" for i in range(size)]
         initial = ",".join(
             f"{name}=http://127.0.0.1:{ports[2 * i + 1]}" for i, name in enumerate(names)
         )
@@ -784,7 +784,7 @@ class EtcdCluster:
         def start(member: EtcdProcess) -> None:
             try:
                 member.start()
-            except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller
+            except BaseException as exc:  # re-raised below, in the caller
                 errors.append(exc)
 
         threads = [threading.Thread(target=start, args=(m,)) for m in self.members]

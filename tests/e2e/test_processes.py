@@ -115,7 +115,11 @@ async def test_guide_flow_in_processes(cluster: Cluster) -> None:
         assert await agent.wait(30) == 0, cluster.tails()
 
         snapshot = await client.get_prefix("/os/dc1/")
-        keys = {kv.key.decode(): kv for kv in snapshot.kvs}
+        election = schema.regional_election_prefix(IDC)
+        keys = {
+            kv.key.decode(): kv for kv in snapshot.kvs if not kv.key.decode().startswith(election)
+        }
+        assert len(snapshot.kvs) == len(keys) + 1, "the regional's candidate key is there too"
         assert set(keys) == {
             "/os/dc1/servers/sn-001",
             "/os/dc1/machines/sn-001/task",

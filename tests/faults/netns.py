@@ -68,7 +68,7 @@ class NetnsCluster:
         _ip("netns", "add", self.hub)
         _ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
         _ip("-n", self.hub, "link", "set", "br0", "up")
-        initial = ",".join(f"m{i}={self._peer(i)}" for i in range(self.size))
+        initial = ",".join(f"lpmosd-m{i}={self._peer(i)}" for i in range(self.size))
         etcd = find_etcd_binary()
         for i, ns in enumerate(self.namespaces):
             veth, peer = self.veths[i]
@@ -106,7 +106,7 @@ class NetnsCluster:
         member = [
             *in_ns,
             etcd,
-            f"--name=m{i}",
+            f"--name=lpmosd-m{i}",
             f"--data-dir={self.workdir / f'm{i}.data'}",
             "--listen-client-urls=http://127.0.0.1:2379",
             f"--advertise-client-urls={self.endpoints[i]}",
