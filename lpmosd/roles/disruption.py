@@ -35,7 +35,7 @@ from lpmosd import schema
 from lpmosd._trio_util import open_nursery
 from lpmosd.config import DisruptionConfig
 from lpmosd.errors import EtcdError
-from lpmosd.etcd import EtcdClient
+from lpmosd.etcd import EtcdClient, KeyValue
 from lpmosd.models import ACTIVE_AGENT, Task, format_ts, utcnow
 from lpmosd.store import parse_lease_value
 from lpmosd.view import Change, PrefixView
@@ -49,18 +49,29 @@ RECHECK_INTERVAL = 0.25
 #: An IDC's assessment (which may ask etcd about leases) is reused for this long.
 ASSESS_CACHE = 0.5
 
-#: Called to fail a task: (idc, sn, why). Must not block.
-FailFn = Callable[[str, str, str], None]
+#: Called to fail a task: (idc, sn, why); False when this instance may not (a standby
+#: control plane: the decision waits until it leads). Must not block.
+FailFn = Callable[[str, str, str], bool]
 #: Called when a task's "agent unreachable" mark changes: (idc, sn, unreachable).
 MarkFn = Callable[[str, str, bool], None]
 
 
 def regional_idc(key: str) -> str | None:
-    """The IDC of a regional session key (``/os/{idc}/regional``), else None."""
-    if not key.startswith(schema.ROOT) or not key.endswith("/regional"):
+    """The IDC of a regional's session key (its candidacy, ``/os/{idc}/regional/{id}``)."""
+    if not key.startswith(schema.ROOT):
         return None
-    idc = key[len(schema.ROOT) : -len("/regional")]
-    return idc if schema.NAME_RE.fullmatch(idc) else None
+    parts = key[len(schema.ROOT) :].split("/")
+    if len(parts) != 3 or parts[1] != "regional" or not parts[2]:
+        return None
+    return parts[0] if schema.NAME_RE.fullmatch(parts[0]) else None
+
+
+def _has_regional(view: PrefixView, idc: str) -> KeyValue | None:
+    """The session key of the IDC's leading regional (the lowest create revision among
+    its candidates, active or about to be), if any regional holds a session."""
+    prefix = schema.regional_election_prefix(idc)
+    keys = [kv for key, kv in view.items.items() if key.startswith(prefix)]
+    return min(keys, key=lambda kv: kv.create_revision, default=None)
 
 
 @dataclass(eq=False)
@@ -81,6 +92,8 @@ class IdcHealth:
     pending: dict[str, tuple[float, str]] = field(default_factory=dict)
     #: sn -> wall-clock timestamp (RFC 3339) since when its agent is unreachable.
     unreachable: dict[str, str] = field(default_factory=dict)
+    #: sn -> trio time before which an unreachable task is not failed (found at start).
+    deadlines: dict[str, float] = field(default_factory=dict)
     assessed_at: float = -math.inf
     #: Share of silent agents at the last assessment (0..1).
     silent_share: float = 0.0
@@ -109,6 +122,9 @@ class DisruptionGuard:
     view: PrefixView
     fail: FailFn
     mark: MarkFn
+    #: Whether this instance leads (only the leader fails tasks; a standby keeps track so
+    #: it can decide at once when it takes over).
+    leading: Callable[[], bool]
     idcs: dict[str, IdcHealth] = field(default_factory=dict)
     _wake: trio.Event = field(default_factory=trio.Event)
 
@@ -133,7 +149,7 @@ class DisruptionGuard:
         health = self.idcs.get(idc)
         if health is None:
             health = self.idcs[idc] = IdcHealth()
-            kv = self.view.get(schema.idc_prefix(idc) + "regional")
+            kv = _has_regional(self.view, idc)
             if kv is None:
                 health.calm_since, health.reason = None, "regional has no session"
             else:
@@ -143,17 +159,12 @@ class DisruptionGuard:
     def load(self) -> None:
         """Take the view's current keys in (call once, after it synced).
 
-        What happened before is unknown (this control plane, or its session, just started;
-        etcd may just be back from an outage): every IDC counts as recovering, so tasks
-        found without a lease get a full lease TTL for their agents to register again.
+        Tasks found without a lease are then given to :meth:`found_orphan`.
         """
-        now = trio.current_time()
         for key, kv in list(self.view.items.items()):
             idc = regional_idc(key)
             if idc is not None:
-                health = self._health(idc)
-                if not health.disrupted:
-                    health.calm_since = now
+                self._health(idc)
                 continue
             parsed = schema.parse_key(key)
             if parsed is not None and parsed.kind == "lease":
@@ -200,11 +211,27 @@ class DisruptionGuard:
             health.pending[sn] = (now + self.config.decision_delay, why)
         self._wake.set()
 
+    def found_orphan(self, idc: str, sn: str, why: str = "absent at start") -> None:
+        """A live task without a lease found when we started. What happened before is
+        unknown (this control plane, or its session, just started; etcd may just be back
+        from an outage): its agent gets a full lease TTL from now to be heard again."""
+        health = self._health(idc)
+        if sn in health.unreachable:
+            return
+        health.unreachable[sn] = format_ts(utcnow())
+        health.deadlines[sn] = trio.current_time() + health.lease_ttl
+        log.warning(
+            "agent unreachable at start: task kept a lease TTL", extra={"idc": idc, "sn": sn}
+        )
+        self.mark(idc, sn, True)
+        self._wake.set()
+
     def _heard(self, idc: str, sn: str, lease: int) -> None:
         health = self._health(idc)
         health.live[sn] = lease
         health.vanished.pop(sn, None)
         health.pending.pop(sn, None)
+        health.deadlines.pop(sn, None)
         if health.unreachable.pop(sn, None) is not None:
             log.info("agent heard again", extra={"idc": idc, "sn": sn})
             self.mark(idc, sn, False)
@@ -214,6 +241,7 @@ class DisruptionGuard:
         if health is None:
             return
         health.pending.pop(sn, None)
+        health.deadlines.pop(sn, None)
         if health.unreachable.pop(sn, None) is not None:
             self.mark(idc, sn, False)
 
@@ -221,6 +249,16 @@ class DisruptionGuard:
         health = self._health(idc)
         now = trio.current_time()
         if change.kv is None:
+            leader = _has_regional(self.view, idc)
+            if leader is not None:
+                prev = change.prev
+                if prev is not None and prev.create_revision < leader.create_revision:
+                    # The active regional went; the next one takes over from now (its
+                    # agents' leases may lapse meanwhile): recovering, a lease TTL of grace.
+                    log.warning("regional leader changed: IDC recovering", extra={"idc": idc})
+                    health.calm_since, health.reason = now, ""
+                    health.assessed_at = -math.inf
+                return
             if not health.disrupted:
                 log.warning("regional lost its session: IDC disrupted", extra={"idc": idc})
             health.calm_since, health.reason = None, "regional has no session"
@@ -245,7 +283,7 @@ class DisruptionGuard:
         for sn, when in list(health.vanished.items()):
             if now - when > health.lease_ttl:
                 del health.vanished[sn]
-        if self.view.get(schema.idc_prefix(idc) + "regional") is None:
+        if _has_regional(self.view, idc) is None:
             health.calm_since, health.reason = None, "regional has no session"
             return health
         sampled, silent = await self._sample_silence(health)
@@ -299,29 +337,36 @@ class DisruptionGuard:
         for sn, (due, why) in list(health.pending.items()):
             if due > now:
                 continue
-            del health.pending[sn]
             if self.view.get(schema.lease_key(idc, sn)) is not None:
+                del health.pending[sn]
                 continue  # re-registered meanwhile
             task = self.view.get(schema.task_key(idc, sn))
             if task is None or not _active(task.value):
+                del health.pending[sn]
                 continue  # finished (its lease went with it) or gone: nothing to reap
-            if health.recovering(now):
-                health.unreachable[sn] = format_ts(utcnow())
-                log.warning(
-                    "agent unreachable: task kept",
-                    extra={"idc": idc, "sn": sn, "why": health.reason or "IDC recovering"},
-                )
-                self.mark(idc, sn, True)
-            else:
-                self.fail(idc, sn, why)
+            if not health.recovering(now):
+                if self.fail(idc, sn, why):
+                    del health.pending[sn]
+                continue
+            del health.pending[sn]
+            health.unreachable[sn] = format_ts(utcnow())
+            log.warning(
+                "agent unreachable: task kept",
+                extra={"idc": idc, "sn": sn, "why": health.reason or "IDC recovering"},
+            )
+            self.mark(idc, sn, True)
         if health.recovering(now):
             return
         for sn in list(health.unreachable):
             if self.view.get(schema.lease_key(idc, sn)) is not None:
                 continue  # the watch will clear it
+            if health.deadlines.get(sn, -math.inf) > now:
+                continue
+            if not self.fail(idc, sn, "silent a lease TTL after its IDC recovered"):
+                continue
+            health.deadlines.pop(sn, None)
             del health.unreachable[sn]
             self.mark(idc, sn, False)
-            self.fail(idc, sn, "silent a lease TTL after its IDC recovered")
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Decide pending leases and unreachable tasks until cancelled."""
@@ -329,7 +374,7 @@ class DisruptionGuard:
         while True:
             self._wake = trio.Event()
             for idc, health in list(self.idcs.items()):
-                if health.pending or health.unreachable:
+                if (health.pending or health.unreachable) and self.leading():
                     try:
                         await self._decide(idc)
                     except EtcdError as exc:

@@ -1,5 +1,10 @@
 """The regional-client role: one per IDC, on the PXE host.
 
+Several regionals may serve one IDC (a second PXE host): they stand for election on
+their session leases, one is active, the others are standby (their agent API answers 503,
+so agents move to the active one) and take over when the active one's lease goes. Every
+write is fenced on the active one's election key.
+
 It watches only its own IDC (``/os/{idc}/servers/`` and ``/os/{idc}/machines/``), keeps a
 local view of them, serves the agent API and keeps one lease per live agent: the agent's
 heartbeats refresh it over the client's single shared LeaseKeepAlive stream. Lease ids live
@@ -21,7 +26,7 @@ from lpmosd._trio_util import open_nursery
 from lpmosd.config import RegionalConfig
 from lpmosd.credentials import AgentToken
 from lpmosd.errors import EtcdError, InputError, UnavailableError, ValidationError
-from lpmosd.etcd import EtcdClient, HeldLease, KeyValue
+from lpmosd.etcd import EtcdClient, Fence, HeldLease, KeyValue
 from lpmosd.models import ACTIVE_AGENT, Task, TaskStatus
 from lpmosd.roles.journal import Entry, Op, ReportJournal
 from lpmosd.roles.session import SessionState, run_session, session_value
@@ -31,11 +36,6 @@ from lpmosd.view import Change, PrefixView
 from lpmosd.web.server import serve_app
 
 log = logging.getLogger("lpmosd.regional")
-
-
-def session_key(idc: str) -> str:
-    """The regional's own registration key, bound to its session lease."""
-    return schema.idc_prefix(idc) + "regional"
 
 
 @dataclass(eq=False)
@@ -56,12 +56,20 @@ class Regional:
     url: str = ""
     #: Batched, coalesced writes of agents' progress reports (see lpmosd.taskwriter).
     writer: TaskWriter = field(init=False)
+    #: The leadership term every write of this regional is guarded on: a second PXE host
+    #: of the IDC runs as a standby, and one that lost its lease while paused writes nothing.
+    fence: Fence = field(init=False)
 
     #: Reports etcd could not take yet, applied in order when it answers (see journal.py).
     journal: ReportJournal = field(init=False)
     _journal_wake: trio.Event = field(default_factory=trio.Event)
+    #: Whether this regional led its IDC in its last session (then it serves alone while
+    #: etcd is away; a standby does not).
+    _led: bool = False
 
     def __post_init__(self) -> None:
+        self.fence = Fence(f"regional {self.config.idc}")
+        self.store = self.store.fenced(self.fence)
         self.writer = TaskWriter(self.store)
         self.journal = ReportJournal(
             self.config.state_dir, self.config.idc, max_entries=self.config.journal_max_entries
@@ -69,9 +77,9 @@ class Regional:
 
     @property
     def autonomous(self) -> bool:
-        """True while the regional serves its agents from its last view without a session
-        (etcd unreachable): reports go to the journal."""
-        return not self.session.running and self.machines is not None
+        """True while the regional, active when it lost its session (etcd unreachable),
+        serves its agents from its last view: reports go to the journal."""
+        return not self.session.running and self._led and self.machines is not None
 
     def journal_report(self, sn: str, op: Op, args: dict[str, Any]) -> None:
         """Journal one agent report durably (JournalFullError: 503, the agent retries)."""
@@ -132,9 +140,11 @@ class Regional:
                     run_session,
                     self.client,
                     self.session,
-                    key=session_key(self.idc),
+                    election=schema.regional_election_prefix(self.idc),
+                    fence=self.fence,
                     ttl=self.config.session_ttl,
                     body=self._session_body,
+                    leader_body=self._leader_body,
                     value=session_value(
                         "regional",
                         {
@@ -169,15 +179,26 @@ class Regional:
             await nursery.start(servers.run)
             await nursery.start(machines.run)
             self.servers, self.machines = servers, machines
-            await self._rebind_leases(machines)
+            self._led = False
             live = sum(1 for k in machines.items if k.endswith("/lease"))
             log.info(
                 "regional synced",
                 extra={"idc": self.idc, "servers": len(servers.items), "live_agents": live},
             )
-            self._journal_wake.set()
             task_status.started()
             await trio.sleep_forever()
+
+    async def _leader_body(
+        self, lease: HeldLease, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The active regional only: leases re-established, then the journal applied."""
+        machines = self.machines
+        assert machines is not None, "the session body syncs the views before the election"
+        self._led = True
+        await self._rebind_leases(machines)
+        self._journal_wake.set()
+        task_status.started()
+        await trio.sleep_forever()
 
     async def _rebind_leases(self, machines: PrefixView) -> None:
         """At session start: give a fresh lease to every enrolled agent of an approved or
@@ -253,7 +274,7 @@ class Regional:
         """Apply journaled reports whenever the session runs: each a CAS on its task, in
         order per agent, agents in parallel."""
         while True:
-            if not len(self.journal) or not self.session.running:
+            if not len(self.journal) or not self.session.active:
                 self._journal_wake = trio.Event()
                 with trio.move_on_after(1.0):
                     await self._journal_wake.wait()
@@ -270,7 +291,7 @@ class Regional:
             for entry in entries:
                 backoff = 0.1
                 while True:
-                    if not self.session.running:
+                    if not self.session.active:
                         return  # etcd went away again: the next round takes it up
                     try:
                         await self._apply(entry)

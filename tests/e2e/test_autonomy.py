@@ -23,7 +23,6 @@ import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
 from provisioning_kit import GUIDE_TASK, open_proxy
@@ -41,7 +40,9 @@ from .test_disruption import (
     approve_when_reported,
     facts_of,
     mac_of,
+    regional_metric,
     tasks_of,
+    wait_journal_applied,
     wait_until,
 )
 
@@ -54,15 +55,6 @@ PLAN = [("partitioning", 0.2), ("packages", 2.0), ("bootloader", 0.5), ("post_in
 
 #: Starts the outage; returns what ends it.
 Outage = Callable[[Proc, Proc], Awaitable[Callable[[], Awaitable[None]]]]
-
-
-async def regional_metric(rg: Proc, name: str) -> float:
-    async with httpx.AsyncClient(base_url=rg.url) as http:
-        text = (await http.get("/metrics")).text
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 async def installs_survive(
@@ -128,13 +120,7 @@ async def installs_survive(
                 finally:
                     await end()
         assert codes == dict.fromkeys(sns, EXIT_OK), cluster.tails()
-        # The agents may be done before etcd has all of their reports: the regional's
-        # journal empties once it has a session again.
-
-        async def journal_applied() -> bool:
-            return await regional_metric(rg, "lpmosd_regional_journal_entries") == 0
-
-        await wait_until(journal_applied, timeout=60, what="the journal applied", cluster=cluster)
+        await wait_journal_applied(rg, cluster)
         problems = []
         for sn, task in (await tasks_of(store)).items():
             history = [h.status.value for h in task.status_history]

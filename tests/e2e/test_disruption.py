@@ -99,6 +99,26 @@ async def unreachable_metric(cp: Proc) -> float:
     return 0.0
 
 
+async def regional_metric(rg: Proc, name: str) -> float:
+    """A value of the regional's /metrics (the first sample of ``name``)."""
+    async with httpx.AsyncClient(base_url=rg.url) as http:
+        text = (await http.get("/metrics")).text
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def wait_journal_applied(rg: Proc, cluster: Cluster) -> None:
+    """The agents may be done before etcd has all of their reports: reports the regional
+    journaled while it had no session are applied once it has one again."""
+
+    async def applied() -> bool:
+        return await regional_metric(rg, "lpmosd_regional_journal_entries") == 0
+
+    await wait_until(applied, timeout=60, what="the journal applied", cluster=cluster)
+
+
 async def regional_frozen_past_lease(cluster: Cluster, *, agents: int, ttl: int, hb: int) -> None:
     plan = [("partitioning", 0.2), ("packages", 3.0), ("bootloader", 0.2)]
     cp, rg = await start_roles(
@@ -159,6 +179,7 @@ async def regional_frozen_past_lease(cluster: Cluster, *, agents: int, ttl: int,
                 finally:
                     rg.send_signal(signal.SIGCONT)
         assert codes == dict.fromkeys(sns, EXIT_OK), cluster.tails()
+        await wait_journal_applied(rg, cluster)
         problems = []
         for sn, task in (await tasks_of(store)).items():
             history = [h.status.value for h in task.status_history]
