@@ -17,8 +17,9 @@ updates and writes them in few Txns:
   newer.
 
 A batch whose compares do not all hold changes nothing; its failure branch reads every
-task of the batch, so the stale ones are refreshed from that answer and the whole batch is
-retried (bounded, as ``atomic_update``). An update function that refuses (an
+task of the batch, so the stale ones are refreshed from that answer and requeued (bounded
+attempts, as ``atomic_update``), while the tasks whose compares held are sent again at
+once, not charged an attempt: one contended task never holds back the rest. An update function that refuses (an
 :class:`~lpmosd.errors.InputError`) is re-decided on fresh data through
 :meth:`Store.update_task`, since a watch cache may lag behind an operator's change. A few
 Txns are kept in flight at once; a task is never in two of them.
@@ -288,24 +289,33 @@ class TaskWriter:
                 p.finish(stored)
 
     async def _write(self, writes: list[_Write]) -> None:
+        # Each round that fails drops at least one task (its compare failed, or it is gone),
+        # so the tasks whose compares held are re-sent at once, uncharged, until they commit.
+        while writes:
+            writes = await self._write_once(writes)
+
+    async def _write_once(self, writes: list[_Write]) -> list[_Write]:
+        """One Txn of ``writes``; those that only failed because another task's compare
+        did (to send again as they are)."""
         compares = [Compare.mod_revision(w.key, "==", w.old.mod_revision) for w in writes]
         ops = [op for w in writes for op in w.ops]
         try:
             r = await self.store.client.txn(compares, ops, [get(w.key) for w in writes])
         except EtcdUnavailableError as exc:
             await self._settle_ambiguous(writes, exc)
-            return
+            return []
         except Exception as exc:
             for w in writes:
                 for p, _ in w.applied:
                     p.finish(error=exc)
-            return
+            return []
         self.txns += 1
         if r.succeeded:
             for w in writes:
                 self._committed(w, r.revision)
-            return
+            return []
         retry: dict[str, list[_Pending]] = {}
+        held: list[_Write] = []
         for w, got in zip(writes, r.responses, strict=True):
             assert isinstance(got, RangeResult)
             fresh = got.kvs[0] if got.kvs else None
@@ -317,12 +327,15 @@ class TaskWriter:
                 for p, _ in w.applied:
                     p.finish(error=err)
                 continue
-            if fresh.mod_revision != w.old.mod_revision:
-                self.conflicts += 1
-                metrics.CAS_RETRIES.inc()
-                self._kv[w.key] = fresh
+            if fresh.mod_revision == w.old.mod_revision:
+                held.append(w)  # its compare held: not its conflict
+                continue
+            self.conflicts += 1
+            metrics.CAS_RETRIES.inc()
+            self._kv[w.key] = fresh
             retry[w.key] = [p for p, _ in w.applied]
         self._requeue(retry)
+        return held
 
     def _committed(self, w: _Write, revision: int) -> None:
         new_kv = KeyValue(

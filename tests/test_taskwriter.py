@@ -105,6 +105,41 @@ async def test_stale_cache_is_retried_not_lost(client: EtcdClient) -> None:
     assert writer.conflicts == 1
 
 
+async def test_one_contended_task_does_not_hold_back_the_rest_of_its_batch(
+    client: EtcdClient,
+) -> None:
+    """A failed compare of one task retries that task only: the others of the batch commit
+    at once and are not charged an attempt (review finding, issue 15)."""
+    store = Store(client)
+    kvs = await _approved(store, 3)
+    # Somebody else writes sn-000 after our cache was filled: its compare will fail.
+    await store.record_progress(IDC, "sn-000", step="other", percent=10, message="")
+    writer = TaskWriter(store, max_attempts=1)  # a single conflict is fatal to an update
+    outcomes: dict[str, object] = {}
+
+    async def report(i: int) -> None:
+        sn = f"sn-{i:03d}"
+        try:
+            await writer.record_progress(
+                IDC, sn, step="mine", percent=20, message="", current=kvs[i]
+            )
+        except Exception as exc:
+            outcomes[sn] = type(exc).__name__
+        else:
+            outcomes[sn] = "ok"
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        async with trio.open_nursery() as senders:
+            for i in range(3):
+                senders.start_soon(report, i)
+        nursery.cancel_scope.cancel()
+    assert outcomes == {"sn-000": "ContentionError", "sn-001": "ok", "sn-002": "ok"}
+    for sn in ("sn-001", "sn-002"):
+        task = (await store.get_task(IDC, sn)).task
+        assert [(p.step, p.percent) for p in task.progress] == [("mine", 20)]
+
+
 async def test_refusal_is_decided_on_fresh_data(client: EtcdClient) -> None:
     store = Store(client)
     req = CreateTaskRequest(idc=IDC, sn="sn-000", mac=_mac(0), os_type="demo")
