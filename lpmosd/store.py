@@ -376,11 +376,13 @@ class Store:
     ) -> StoredTask | None:
         """Fail the task if its status is in ``only_if``; None when it was not (left alone)."""
         now = self.clock()
-        skipped: list[bool] = []
+        # The update function may run several times (CAS retries, a re-read after a stale
+        # hint): only its last decision counts, so each run overwrites it.
+        skipped = [False]
 
         def fn(t: Task) -> Task:
-            if t.status not in only_if:
-                skipped.append(True)
+            skipped[0] = t.status not in only_if
+            if skipped[0]:
                 return t
             return models.fail(t, reason, now=now, actor=actor)
 
@@ -388,7 +390,7 @@ class Store:
             stored = await self.update_task(idc, sn, fn, guards=guards, current=current)
         except (NotFoundError, ConflictError):
             return None
-        return None if skipped[-1:] == [True] else stored
+        return None if skipped[0] else stored
 
     async def delete_task(self, idc: str, sn: str) -> None:
         """Delete a finished task with its server entry, meta and lease key (one Txn).
