@@ -19,8 +19,8 @@ updates and writes them in few Txns:
 A batch whose compares do not all hold changes nothing; its failure branch reads every
 task of the batch, so the stale ones are refreshed from that answer and requeued (bounded
 attempts, as ``atomic_update``), while the tasks whose compares held are sent again at
-once, not charged an attempt: one contended task never holds back the rest. An update function that refuses (an
-:class:`~lpmosd.errors.InputError`) is re-decided on fresh data through
+once, not charged an attempt: one contended task never holds back the rest. An update
+function that refuses (an :class:`~lpmosd.errors.InputError`) is re-decided on fresh data through
 :meth:`Store.update_task`, since a watch cache may lag behind an operator's change. A few
 Txns are kept in flight at once; a task is never in two of them.
 

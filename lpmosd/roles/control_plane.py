@@ -1,10 +1,9 @@
 """The control-plane role: operators' REST API and dashboard, plus the lease reaper.
 
-It keeps one view of ``/os/`` (relist + watch). The reaper listens to it: when an agent's
-lease key vanishes while its task is approved or installing, the task is failed ("agent
-heartbeat lost", with the last step), guarded on the lease key still being absent so an
-agent that re-registered meanwhile is left alone. Deletes lost to a compaction come back
-as explicit deletions from the view's relist diff.
+It keeps one view of ``/os/`` (relist + watch). The reaper (:mod:`lpmosd.roles.reaper`)
+listens to it: when an agent's lease key vanishes while its task is approved or
+installing, the task is failed. Deletes lost to a compaction come back as explicit
+deletions from the view's relist diff.
 """
 
 from __future__ import annotations
@@ -21,13 +20,12 @@ import trio
 from lpmosd import schema
 from lpmosd._trio_util import open_nursery
 from lpmosd.config import ControlPlaneConfig
-from lpmosd.errors import EtcdError, InputError
-from lpmosd.etcd import Compare, EtcdClient, HeldLease
-from lpmosd.models import ACTIVE_AGENT, Task, TaskStatus
+from lpmosd.etcd import EtcdClient, HeldLease
+from lpmosd.roles.reaper import Reaper
 from lpmosd.roles.session import SessionState, run_session, session_value
-from lpmosd.store import Store, StoredTask
+from lpmosd.store import Store
 from lpmosd.tokens import TokenStore
-from lpmosd.view import Change, PrefixView
+from lpmosd.view import PrefixView
 from lpmosd.web.server import serve_app
 
 log = logging.getLogger("lpmosd.control_plane")
@@ -35,9 +33,6 @@ log = logging.getLogger("lpmosd.control_plane")
 #: Session keys live beside the IDCs under a name no IDC can have (IDCs start alnum).
 SESSION_PREFIX = "/os/_control-plane/"
 SESSION_TTL = 10
-HEARTBEAT_LOST = "agent heartbeat lost"
-#: Reaper tasks sharing the queue of vanished lease keys.
-REAPER_WORKERS = 16
 
 
 @dataclass(eq=False)
@@ -49,12 +44,15 @@ class ControlPlane:
     store: Store
     session: SessionState = field(default_factory=lambda: SessionState("control-plane"))
     view: PrefixView | None = None
-    reaped: int = 0
     #: Operator API tokens; its cache runs in the session (see :meth:`_session_body`).
     tokens: TokenStore = field(init=False)
 
+    #: Fails the tasks of agents whose lease key vanished; runs in the session.
+    reaper: Reaper = field(init=False)
+
     def __post_init__(self) -> None:
         self.tokens = TokenStore(self.client)
+        self.reaper = Reaper(self.store)
 
     #: Called with each session's view once it has synced (the dashboard's hub follows it).
     view_hooks: list[Callable[[PrefixView], None]] = field(default_factory=list)
@@ -89,22 +87,20 @@ class ControlPlane:
             log.info("control plane listening", extra={"url": url})
             task_status.started(url)
 
+    @property
+    def reaped(self) -> int:
+        """Tasks failed by this control plane's reaper (across sessions)."""
+        return self.reaper.reaped
+
+    @property
+    def lease_losses(self) -> int:
+        """Vanished lease keys the reaper has looked at (across sessions)."""
+        return self.reaper.lease_losses
+
     async def _session_body(
         self, lease: HeldLease, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         view = PrefixView(self.client, schema.ROOT)
-        reap_send, reap_recv = trio.open_memory_channel[tuple[str, str, str]](10_000)
-
-        def on_change(change: Change) -> None:
-            parsed = schema.parse_key(change.key)
-            if parsed is None or parsed.kind != "lease" or change.kv is not None:
-                return
-            try:
-                reap_send.send_nowait((parsed.idc, parsed.sn, "deleted"))
-            except trio.WouldBlock:
-                log.error("reaper queue full", extra={"sn": parsed.sn})
-
-        view.listeners.append(on_change)
         try:
             async with open_nursery() as nursery:
                 await nursery.start(view.run)
@@ -112,80 +108,11 @@ class ControlPlane:
                 self.view = view
                 for hook in self.view_hooks:
                     hook(view)
-                # Several reapers: when many agents die at once (a rack loses power) their
-                # tasks are failed in parallel, not one Txn after another.
-                for _ in range(REAPER_WORKERS):
-                    nursery.start_soon(self._reap, reap_recv)
-                self._reap_orphans(view, reap_send)
+                await nursery.start(self.reaper.run, view)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
             self.view = None
-
-    def _reap_orphans(
-        self, view: PrefixView, send: trio.MemorySendChannel[tuple[str, str, str]]
-    ) -> None:
-        """At session start: installing tasks with no lease key lost their agent while we
-        were away (the delete happened before our watch began)."""
-        for key, kv in list(view.items.items()):
-            parsed = schema.parse_key(key)
-            if parsed is None or parsed.kind != "task":
-                continue
-            if view.get(schema.lease_key(parsed.idc, parsed.sn)) is not None:
-                continue
-            try:
-                task = Task.from_json(kv.value)
-            except Exception:
-                continue
-            if task.status is TaskStatus.INSTALLING:
-                send.send_nowait((parsed.idc, parsed.sn, "absent at start"))
-
-    async def _reap(self, receive: trio.MemoryReceiveChannel[tuple[str, str, str]]) -> None:
-        async for idc, sn, why in receive:
-            stored = await self._reap_one(idc, sn)
-            if stored is not None:
-                self.reaped += 1
-                view = self.view
-                if view is not None and stored.kv is not None:
-                    view.observe(stored.kv)
-                log.warning(
-                    "agent offline: task failed",
-                    extra={"idc": idc, "sn": sn, "lease_key": why},
-                )
-
-    async def _reap_one(self, idc: str, sn: str) -> StoredTask | None:
-        """Fail one task whose agent's lease key vanished; None when it is left alone.
-
-        Never gives up on etcd errors (retried with backoff: a reap lost here would not
-        come back, as the delete event is consumed) and never dies of a bad document.
-        """
-        lease_key = schema.lease_key(idc, sn)
-        backoff = 0.05
-        while True:
-            view = self.view
-            current = view.get(schema.task_key(idc, sn)) if view else None
-            try:
-                return await self.store.fail(
-                    idc,
-                    sn,
-                    HEARTBEAT_LOST,
-                    actor="reaper",
-                    only_if=ACTIVE_AGENT,
-                    guards=[Compare.absent(lease_key)],
-                    current=current,
-                )
-            except InputError as exc:
-                log.error(
-                    "cannot reap: invalid task document",
-                    extra={"idc": idc, "sn": sn, "error": exc.message},
-                )
-                return None
-            except EtcdError as exc:
-                log.warning(
-                    "reap failed; retrying", extra={"idc": idc, "sn": sn, "error": str(exc)}
-                )
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
 
 
 def session_value_host() -> str:
