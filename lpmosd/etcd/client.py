@@ -605,6 +605,8 @@ class KeepAliveHub:
         )
         self._ready = trio.Event()
         self._waiters: dict[int, list[_Waiter]] = {}
+        #: Answers received on the current stream (a timed-out caller checks it moved).
+        self._received = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep the stream open until cancelled."""
@@ -618,13 +620,18 @@ class KeepAliveHub:
                     pb.LeaseKeepAliveResponse,
                 ) as stream:
                     self._stream = stream
+                    self._received = 0
                     self._ready.set()
                     while True:
                         reply = await stream.receive()
+                        self._received += 1
                         backoff = 0.05
                         for w in self._waiters.pop(reply.id, ()):
                             w.deliver(reply.ttl)
             except EtcdAuthError:
+                # What was sent on the refused stream gets no answer: its callers re-send
+                # on the next stream at once instead of waiting out their timeouts.
+                self._fail_all(EtcdUnavailableError("keepalive stream re-authenticating"))
                 await self._client.authenticate(self._client.token_generation)
             except EtcdError as exc:
                 self._fail_all(exc)
@@ -648,9 +655,12 @@ class KeepAliveHub:
     async def keepalive(self, lease_id: int, timeout: float) -> int:
         """Refresh ``lease_id`` once; its new TTL. LeaseNotFoundError when it is gone.
 
-        No answer within ``timeout`` (a hung member) resets the stream and raises
-        :class:`EtcdUnavailableError`.
+        No answer within ``timeout`` raises :class:`EtcdUnavailableError`. The stream is
+        shared by every lease: it is reset only when it looks hung — nothing received on
+        it since this request went out — not because one caller ran out of time.
         """
+        sent_on: object = None
+        received_then = 0
         with trio.move_on_after(timeout):
             while True:
                 await self._ready.wait()
@@ -660,6 +670,7 @@ class KeepAliveHub:
                 waiter = _Waiter()
                 self._waiters.setdefault(lease_id, []).append(waiter)
                 try:
+                    sent_on, received_then = stream, self._received
                     stream.send(pb.LeaseKeepAliveRequest(id=lease_id))
                     ttl = await waiter.wait()
                 except EtcdUnavailableError:
@@ -672,7 +683,8 @@ class KeepAliveHub:
                 if ttl <= 0:
                     raise LeaseNotFoundError(f"lease {lease_id:x} not found")
                 return ttl
-        self.reset()
+        if sent_on is not None and sent_on is self._stream and self._received == received_then:
+            self.reset()
         raise EtcdUnavailableError(f"lease {lease_id:x}: no keepalive answer in {timeout:.1f}s")
 
 
