@@ -41,7 +41,7 @@ from lpmosd.errors import ContentionError, EtcdUnavailableError, InputError, Not
 from lpmosd.etcd import Compare, KeyValue, Op, RangeResult, get, put
 from lpmosd.etcd.txn import MAX_TXN_OPS
 from lpmosd.models import ServerEntry, Task
-from lpmosd.store import Store, StoredTask
+from lpmosd.store import Store, StoredTask, new_op_id
 
 log = logging.getLogger("lpmosd.taskwriter")
 
@@ -58,6 +58,8 @@ class _Pending:
     idc: str
     sn: str
     fn: TaskFn
+    #: Recorded in the document with the change (see :attr:`lpmosd.models.Task.ops`).
+    op_id: str = field(default_factory=new_op_id)
     done: trio.Event = field(default_factory=trio.Event)
     result: StoredTask | None = None
     error: BaseException | None = None
@@ -138,20 +140,27 @@ class TaskWriter:
     # --- writes --------------------------------------------------------------------------
 
     async def update(
-        self, idc: str, sn: str, fn: TaskFn, *, current: KeyValue | None = None
+        self,
+        idc: str,
+        sn: str,
+        fn: TaskFn,
+        *,
+        current: KeyValue | None = None,
+        op_id: str | None = None,
     ) -> StoredTask:
         """Apply ``fn`` to the task of ``sn`` in a batched CAS; see the module docstring.
 
         Without ``current`` and no write of ours to go by, or while :meth:`run` is not
-        running, this is :meth:`Store.update_task` (read, then CAS).
+        running, this is :meth:`Store.update_task` (read, then CAS). ``op_id`` as there.
         """
         key = schema.task_key(idc, sn)
         self._note(key, current)
+        op = op_id or new_op_id()
         if not self._running or key not in self._kv:
-            stored = await self.store.update_task(idc, sn, fn, current=current)
+            stored = await self.store.update_task(idc, sn, fn, current=current, op_id=op)
             self._note(key, stored.kv)
             return stored
-        pending = _Pending(idc, sn, fn)
+        pending = _Pending(idc, sn, fn, op)
         self._queues.setdefault(key, []).append(pending)
         self._wakeup.set()
         try:
@@ -177,6 +186,7 @@ class TaskWriter:
         percent: int,
         message: str,
         current: KeyValue | None = None,
+        op_id: str | None = None,
     ) -> StoredTask:
         """:meth:`Store.record_progress`, batched."""
         now = self.store.clock()
@@ -185,6 +195,7 @@ class TaskWriter:
             sn,
             lambda t: models.record_progress(t, step, percent, message, now=now),
             current=current,
+            op_id=op_id,
         )
 
     # --- the flusher ---------------------------------------------------------------------
@@ -251,8 +262,13 @@ class TaskWriter:
             task = base
             applied: list[tuple[_Pending, Task]] = []
             for p in pendings:
+                if p.op_id in task.ops:
+                    applied.append((p, task))  # applied before (a repeated request)
+                    continue
                 try:
                     new = p.fn(task)
+                    if new is not task:
+                        new = new.with_op(p.op_id)
                 except InputError:
                     refused.append(p)  # decide again on fresh data, outside the batch
                     continue
@@ -281,7 +297,7 @@ class TaskWriter:
             await self._write(writes)
         for p in refused:
             try:
-                stored = await self.store.update_task(p.idc, p.sn, p.fn)
+                stored = await self.store.update_task(p.idc, p.sn, p.fn, op_id=p.op_id)
             except Exception as exc:
                 p.finish(error=exc)
             else:
@@ -365,14 +381,23 @@ class TaskWriter:
         for w, got in zip(writes, r.responses, strict=True):
             assert isinstance(got, RangeResult)
             fresh = got.kvs[0] if got.kvs else None
-            if (
-                fresh is not None
-                and fresh.value == w.value
-                and fresh.mod_revision > w.old.mod_revision
-            ):
+            self._note(w.key, fresh)
+            if fresh is not None and fresh.value == w.value:
                 self._committed(w, fresh.mod_revision)
                 continue
-            self._note(w.key, fresh)
+            # Changed since (by us or another writer)? The operation ids say whether our
+            # write is in it: the whole write went in one Txn, so its last id tells.
+            base_ops = self.task_of(w.old).ops
+            mine = [p.op_id for p, _ in w.applied if p.op_id not in base_ops][-1]
+            try:
+                task = self.task_of(fresh) if fresh is not None else None
+            except InputError:
+                task = None
+            if fresh is not None and task is not None and mine in task.ops:
+                self.updates += len(w.applied)
+                for p, _ in w.applied:
+                    p.finish(StoredTask(task, fresh.mod_revision, fresh))
+                continue
             retry[w.key] = [p for p, _ in w.applied]
         self._requeue(retry)
 

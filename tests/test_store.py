@@ -282,6 +282,43 @@ async def test_fail_reports_the_last_decision_when_its_function_runs_again(
     assert isinstance(second_result, StoredTask) and second_result.task.error == "two"
 
 
+async def test_an_ambiguous_write_is_recognised_by_its_operation_id(
+    store: Store, client: EtcdClient, etcd: EtcdProcess
+) -> None:
+    """Our write is applied but its answer is lost, and another writer changes the task
+    before we look again: the operation id in the document shows ours went through, so it
+    is not applied a second time (review finding, issue 15: values were compared, and the
+    log line was appended twice)."""
+    await drive_to(store, client, S.INSTALLING)
+    async with (
+        open_proxy(etcd.client_port) as proxy,
+        open_client([proxy.endpoint]) as slow,
+    ):
+        slow_store = Store(slow)
+        current = (await store.get_task(IDC, SN)).kv
+        results: list[StoredTask] = []
+
+        async def mine() -> None:
+            results.append(await slow_store.append_logs(IDC, SN, ["mine"], current=current))
+
+        async with trio.open_nursery() as nursery:
+            proxy.hold_responses()
+            nursery.start_soon(mine)
+
+            async def applied() -> bool:
+                task = (await store.get_task(IDC, SN)).task
+                return any(line.endswith("mine") for line in task.logs)
+
+            await wait_for(applied, what="our write applied")
+            await store.append_logs(IDC, SN, ["other"])  # another writer, after ours
+            proxy.cut()  # our answer is lost: an ambiguous outcome
+            proxy.heal()
+    task = await assert_consistent(client)
+    lines = [line.rsplit("] ", 1)[-1] for line in task.logs]
+    assert lines.count("mine") == 1 and lines.count("other") == 1
+    assert results and any(line.endswith("mine") for line in results[0].task.logs)
+
+
 async def test_stale_cached_task_does_not_cause_false_conflict(
     store: Store, client: EtcdClient
 ) -> None:
