@@ -554,6 +554,44 @@ class EtcdClient:
             h.raft_term,
             h.revision,
             list(reply.errors),
+            reply.db_size_in_use,
+        )
+
+    async def alarms(self) -> list[tuple[int, str]]:
+        """Active alarms of the cluster: (member id, alarm name such as ``NOSPACE``)."""
+        reply = await self._call(
+            "/etcdserverpb.Maintenance/Alarm",
+            pb.AlarmRequest(action=pb.AlarmRequestAlarmAction.GET),
+            pb.AlarmResponse,
+            idempotent=True,
+        )
+        return [(a.member_id, pb.AlarmType(a.alarm).name) for a in reply.alarms]
+
+    async def disarm(self, member_id: int, alarm: str) -> None:
+        """Deactivate one alarm (after the operator has fixed its cause)."""
+        await self._call(
+            "/etcdserverpb.Maintenance/Alarm",
+            pb.AlarmRequest(
+                action=pb.AlarmRequestAlarmAction.DEACTIVATE,
+                member_id=member_id,
+                alarm=pb.AlarmType[alarm],
+            ),
+            pb.AlarmResponse,
+            idempotent=True,
+        )
+
+    async def defragment(self, *, timeout: float = 300.0) -> None:
+        """Defragment the member we are connected to (it blocks that member meanwhile).
+
+        Not retried on another endpoint: the caller picks the member (see
+        :func:`lpmosd.etcd_ops.defragment_cluster`).
+        """
+        await self._transport.unary(
+            "/etcdserverpb.Maintenance/Defragment",
+            pb.DefragmentRequest(),
+            pb.DefragmentResponse,
+            timeout=timeout,
+            metadata=self.metadata(),
         )
 
     async def member_list(self) -> list[tuple[int, str, list[str]]]:

@@ -19,6 +19,7 @@ import trio
 
 from lpmosd import schema
 from lpmosd._trio_util import open_nursery
+from lpmosd.compaction import Compactor
 from lpmosd.config import ControlPlaneConfig
 from lpmosd.etcd import EtcdClient, HeldLease
 from lpmosd.roles.reaper import Reaper
@@ -50,9 +51,13 @@ class ControlPlane:
     #: Fails the tasks of agents whose lease key vanished; runs in the session.
     reaper: Reaper = field(init=False)
 
+    #: Compacts etcd's history every ``config.compaction_interval`` seconds.
+    compactor: Compactor = field(init=False)
+
     def __post_init__(self) -> None:
         self.tokens = TokenStore(self.client)
         self.reaper = Reaper(self.store)
+        self.compactor = Compactor(self.client, self.config.compaction_interval)
 
     #: Called with each session's view once it has synced (the dashboard's hub follows it).
     view_hooks: list[Callable[[PrefixView], None]] = field(default_factory=list)
@@ -84,6 +89,10 @@ class ControlPlane:
                     keyfile=self.config.tls_key_file,
                 )
             )
+            if self.config.compaction_interval > 0:
+                # Until leadership exists, every control plane runs it: the compactors
+                # coordinate through etcd (see lpmosd.compaction), one compacts per round.
+                await nursery.start(self.compactor.run)
             log.info("control plane listening", extra={"url": url})
             task_status.started(url)
 
