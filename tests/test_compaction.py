@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from functools import partial
 
 import pytest
 import trio
@@ -66,7 +67,7 @@ async def test_watchers_lose_no_event_with_compaction_every_second(
         views = [PrefixView(writer, PREFIX), PrefixView(lagging, PREFIX)]
         last: list[dict[str, Change]] = [{}, {}]
         for view, changes in zip(views, last, strict=True):
-            view.listeners.append(lambda c, changes=changes: changes.__setitem__(c.key, c))
+            view.listeners.append(partial(_remember, changes))
             await nursery.start(view.run)
         await nursery.start(compactor.run)
         rng = random.Random(15)
@@ -102,6 +103,10 @@ async def test_watchers_lose_no_event_with_compaction_every_second(
                 if key not in want:
                     assert change.kv is None, f"{key}: its delete never reached the view"
         nursery.cancel_scope.cancel()
+
+
+def _remember(changes: dict[str, Change], change: Change) -> None:
+    changes[change.key] = change
 
 
 def _plain(items: dict[str, KeyValue]) -> dict[str, tuple[bytes, int]]:
