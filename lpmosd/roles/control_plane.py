@@ -1,16 +1,19 @@
 """The control-plane role: operators' REST API and dashboard, plus the lease reaper.
 
-It keeps one view of ``/os/`` (relist + watch). The reaper (:mod:`lpmosd.roles.reaper`)
-listens to it: when an agent's lease key vanishes while its task is approved or
-installing, the task is failed. Deletes lost to a compaction come back as explicit
-deletions from the view's relist diff.
+Several control planes may run: each serves the API and dashboard from its own view; they
+stand for election on their session leases and only the leader reaps (its writes fenced
+on its election key, so a paused former leader that wakes fails nothing).
+
+It keeps one view of ``/os/`` (relist + watch). The leader's reaper
+(:mod:`lpmosd.roles.reaper`) listens to it: when an agent's lease key vanishes while its
+task is approved or installing, the task is failed. Deletes lost to a compaction come back
+as explicit deletions from the view's relist diff. The leader also compacts etcd's
+history (:mod:`lpmosd.compaction`).
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -21,7 +24,7 @@ from lpmosd import schema
 from lpmosd._trio_util import open_nursery
 from lpmosd.compaction import Compactor
 from lpmosd.config import ControlPlaneConfig
-from lpmosd.etcd import EtcdClient, HeldLease
+from lpmosd.etcd import EtcdClient, Fence, HeldLease
 from lpmosd.roles.reaper import Reaper
 from lpmosd.roles.session import SessionState, run_session, session_value
 from lpmosd.store import Store
@@ -31,8 +34,6 @@ from lpmosd.web.server import serve_app
 
 log = logging.getLogger("lpmosd.control_plane")
 
-#: Session keys live beside the IDCs under a name no IDC can have (IDCs start alnum).
-SESSION_PREFIX = "/os/_control-plane/"
 SESSION_TTL = 10
 
 
@@ -47,17 +48,32 @@ class ControlPlane:
     view: PrefixView | None = None
     #: Operator API tokens; its cache runs in the session (see :meth:`_session_body`).
     tokens: TokenStore = field(init=False)
-
-    #: Fails the tasks of agents whose lease key vanished; runs in the session.
+    #: The leadership term the leader-only work (the reaper) writes under.
+    fence: Fence = field(init=False)
+    #: ``store`` fenced on the leadership: what the reaper writes with. The API writes
+    #: through ``store`` itself: it works on every instance.
+    leader_store: Store = field(init=False)
+    #: The leader's reaper: fails the tasks of agents whose lease key vanished.
     reaper: Reaper = field(init=False)
-
-    #: Compacts etcd's history every ``config.compaction_interval`` seconds.
+    #: The leader's compactor: etcd's history, every ``config.compaction_interval`` s.
     compactor: Compactor = field(init=False)
 
     def __post_init__(self) -> None:
         self.tokens = TokenStore(self.client)
-        self.reaper = Reaper(self.store)
+        self.fence = Fence("control-plane")
+        self.leader_store = self.store.fenced(self.fence)
+        self.reaper = Reaper(self.leader_store)
         self.compactor = Compactor(self.client, self.config.compaction_interval)
+
+    @property
+    def reaped(self) -> int:
+        """Tasks failed by this control plane's reaper (across terms)."""
+        return self.reaper.reaped
+
+    @property
+    def lease_losses(self) -> int:
+        """Vanished lease keys the reaper has looked at (across terms)."""
+        return self.reaper.lease_losses
 
     #: Called with each session's view once it has synced (the dashboard's hub follows it).
     view_hooks: list[Callable[[PrefixView], None]] = field(default_factory=list)
@@ -73,9 +89,11 @@ class ControlPlane:
                     run_session,
                     self.client,
                     self.session,
-                    key=SESSION_PREFIX + session_value_host(),
+                    election=schema.CONTROL_PLANE_ELECTION,
+                    fence=self.fence,
                     ttl=SESSION_TTL,
                     body=self._session_body,
+                    leader_body=self._leader_body,
                     value=session_value("control-plane"),
                 )
             )
@@ -89,26 +107,13 @@ class ControlPlane:
                     keyfile=self.config.tls_key_file,
                 )
             )
-            if self.config.compaction_interval > 0:
-                # Until leadership exists, every control plane runs it: the compactors
-                # coordinate through etcd (see lpmosd.compaction), one compacts per round.
-                await nursery.start(self.compactor.run)
             log.info("control plane listening", extra={"url": url})
             task_status.started(url)
-
-    @property
-    def reaped(self) -> int:
-        """Tasks failed by this control plane's reaper (across sessions)."""
-        return self.reaper.reaped
-
-    @property
-    def lease_losses(self) -> int:
-        """Vanished lease keys the reaper has looked at (across sessions)."""
-        return self.reaper.lease_losses
 
     async def _session_body(
         self, lease: HeldLease, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        """Every instance: the view of ``/os/`` (API, dashboard) and the token cache."""
         view = PrefixView(self.client, schema.ROOT)
         try:
             async with open_nursery() as nursery:
@@ -117,14 +122,20 @@ class ControlPlane:
                 self.view = view
                 for hook in self.view_hooks:
                     hook(view)
-                await nursery.start(self.reaper.run, view)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
             self.view = None
 
-
-def session_value_host() -> str:
-    """This host's name as a key part (sanitised to the schema's name rule)."""
-    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64] or "host"
-    return name if name[0].isalnum() else f"h{name[:63]}"
+    async def _leader_body(
+        self, lease: HeldLease, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The leader only: the reaper (which scans for what it missed as it starts) and
+        the compactor."""
+        view = self.view
+        assert view is not None, "the session body syncs the view before the election"
+        async with open_nursery() as nursery:
+            await nursery.start(self.reaper.run, view)
+            if self.config.compaction_interval > 0:
+                await nursery.start(self.compactor.run)
+            task_status.started()

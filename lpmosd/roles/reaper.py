@@ -19,9 +19,9 @@ import logging
 
 import trio
 
-from lpmosd import schema
+from lpmosd import hooks, schema
 from lpmosd._trio_util import open_nursery
-from lpmosd.errors import EtcdError, InputError
+from lpmosd.errors import EtcdError, InputError, NotLeaderError
 from lpmosd.etcd import Compare
 from lpmosd.models import ACTIVE_AGENT, Task, TaskStatus
 from lpmosd.store import Store, StoredTask
@@ -35,7 +35,11 @@ REAPER_WORKERS = 16
 
 
 class Reaper:
-    """Fails tasks whose agent's lease key vanished; run :meth:`run` with a synced view."""
+    """Fails tasks whose agent's lease key vanished; run :meth:`run` with a synced view.
+
+    The control plane runs it while it leads, with a store fenced on its leadership: a
+    former leader that wakes up fails nothing.
+    """
 
     def __init__(self, store: Store, *, workers: int = REAPER_WORKERS) -> None:
         self.store = store
@@ -148,6 +152,7 @@ class Reaper:
             view = self.view
             current = view.get(schema.task_key(idc, sn)) if view else None
             try:
+                await hooks.reach("reaper.before-fail")
                 return await self.store.fail(
                     idc,
                     sn,
@@ -157,6 +162,10 @@ class Reaper:
                     guards=[Compare.absent(lease_key)],
                     current=current,
                 )
+            except NotLeaderError as exc:
+                # Leadership lost: the next leader reaps (its start-up scan sees the task).
+                log.warning("reap refused", extra={"idc": idc, "sn": sn, "error": str(exc)})
+                return None
             except InputError as exc:
                 log.error(
                     "cannot reap: invalid task document",

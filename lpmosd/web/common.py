@@ -18,6 +18,7 @@ from lpmosd.errors import (
     EtcdNoSpaceError,
     EtcdUnavailableError,
     InputError,
+    NotLeaderError,
     PayloadTooLargeError,
     UnavailableError,
     ValidationError,
@@ -161,6 +162,11 @@ def install_common(
     async def _etcd_full(exc: EtcdNoSpaceError) -> Response:
         log.error("etcd is out of space", extra={"error": str(exc)})
         return error_response(503, NOSPACE_HELP)
+
+    @app.errorhandler(NotLeaderError)
+    async def _not_leader(exc: NotLeaderError) -> Response:
+        log.warning("write refused: not the leader", extra={"error": str(exc)})
+        return error_response(503, f"{exc}; retry (another instance leads)")
 
     @app.errorhandler(EtcdError)
     async def _etcd_error(exc: EtcdError) -> Response:
