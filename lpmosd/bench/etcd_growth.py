@@ -32,7 +32,9 @@ from lpmosd.bench.common import (
     bench_client,
     etcd_target,
     header,
+    machine_info,
     markdown_table,
+    plot_path,
     write_results,
 )
 from lpmosd.compaction import Compactor
@@ -193,7 +195,10 @@ async def run(
         ["installs per second (benchmark)", f"{installs / elapsed:.1f}"],
     ]
     print(markdown_table(["figure", "value"], rows))
-    data = {
+    data: dict[str, Any] = {
+        "benchmark": NAME,
+        "quick": opts.quick,
+        "machine": machine_info(),
         "installs": installs,
         "machines": machines,
         "concurrency": concurrency,
@@ -208,16 +213,40 @@ async def run(
         "elapsed_s": elapsed,
         "samples": samples,
     }
+    png = plot_path(opts, NAME)
+    if png is not None and samples:
+        _plot(png, samples, per_compaction)
+        print(f"plot: {png}")
+        data["plot"] = str(png)
     path = write_results(opts, NAME, data)
     print(f"results: {path}")
     return data
+
+
+def _plot(png: Any, samples: list[dict[str, Any]], per_compaction: float) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    xs = [s["installs"] for s in samples]
+    mib = float(1 << 20)
+    ax.plot(xs, [s["db_in_use_bytes"] / mib for s in samples], label="database in use")
+    ax.plot(xs, [s["db_bytes"] / mib for s in samples], label="database file")
+    ax.axhline(256, color="red", ls="--", label="goal: in use < 256 MiB")
+    ax.set_xlabel(f"installs (a compaction every {per_compaction:g})")
+    ax.set_ylabel("MiB")
+    ax.set_title("etcd-growth: etcd's database over many installs, with compaction")
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``lpmosd bench etcd-growth``."""
     p = sub.add_parser(NAME, help="etcd bytes per install; database size with compaction")
     add_common_args(p)
-    p.add_argument("--installs", type=int, help="installs in all (default 50000; quick 1000)")
+    p.add_argument("--installs", type=int, help="installs in all (default 50000; quick 100)")
     p.add_argument("--machines", type=int, default=5000, help="fleet size (default 5000)")
     p.add_argument("--concurrency", type=int, default=32, help="installs at once (default 32)")
     p.add_argument(
@@ -232,7 +261,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(
         bench=lambda o, a: run(
             o,
-            installs=a.installs or (1000 if o.quick else 50_000),
+            installs=a.installs or (100 if o.quick else 50_000),
             machines=a.machines,
             concurrency=a.concurrency,
             interval=a.interval,
