@@ -13,7 +13,7 @@ from provisioning_kit import GUIDE_TASK, make_config, open_control_api, open_dae
 from lpmosd.config import ROLE_CONTROL_PLANE
 from lpmosd.errors import EtcdNoSpaceError
 from lpmosd.etcd import open_client
-from lpmosd.etcd_process import EtcdProcess
+from lpmosd.etcd_process import EtcdCluster, EtcdProcess
 
 QUOTA = 4 << 20
 
@@ -68,6 +68,26 @@ async def test_nospace_alarm_and_operator_recovery(etcd_factory) -> None:  # typ
         assert r.status_code == 201, r.text
         metrics = (await api.get("/metrics")).text
         assert "lpmosd_etcd_db_bytes{" in metrics and "lpmosd_etcd_db_in_use_bytes{" in metrics
+
+
+async def test_defrag_goes_through_every_member_one_at_a_time() -> None:
+    """``lpmosd etcd defrag`` given one endpoint of a 3-member cluster finds the members
+    (MemberList) and defragments each in turn: three before/after lines, in order."""
+    with EtcdCluster(3) as cluster:
+        async with open_client(cluster.endpoints) as client:
+            for n in range(50):
+                await client.put("/filler", b"x" * (64 << 10) + str(n).encode())
+            await client.compact((await client.status()).revision)
+        out = await lpmosd_etcd("defrag", cluster.endpoints[0])
+    lines = out.splitlines()
+    started = [line for line in lines if line.startswith("defragmenting ")]
+    done = [line for line in lines if line.strip().startswith("done: ")]
+    assert len(started) == 3 and len(done) == 3, out
+    # One at a time: each member's "done" comes before the next one starts.
+    order = [("start" if line.startswith("defragmenting") else "done") for line in lines]
+    assert order == ["start", "done"] * 3, out
+    endpoints = {line.split()[1].rstrip(":") for line in started}
+    assert len(endpoints) == 3
 
 
 @pytest.fixture(autouse=True)
