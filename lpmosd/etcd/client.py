@@ -186,6 +186,11 @@ class EtcdClient:
         return [e.url for e in self._transport.endpoints]
 
     @property
+    def closed(self) -> bool:
+        """True once :func:`open_client`'s body has ended (nothing may be sent any more)."""
+        return self._keepalive is None
+
+    @property
     def current_endpoint(self) -> str:
         """The endpoint requests go to now."""
         return self._transport.endpoint.url

@@ -90,9 +90,17 @@ _PROBES: weakref.WeakKeyDictionary[EtcdClient, EtcdProbe] = weakref.WeakKeyDicti
 
 
 async def refresh_probes() -> None:
-    """Check every probe (cached answers are reused): the etcd gauges are then current."""
-    for probe in list(_PROBES.values()):
+    """Check the probes of open clients, all at once (cached answers are reused), so the
+    etcd gauges are current; never longer than one probe's timeout."""
+
+    async def check(probe: EtcdProbe) -> None:
         await probe.check()
+
+    with trio.move_on_after(PROBE_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            for client, probe in list(_PROBES.items()):
+                if not client.closed:
+                    nursery.start_soon(check, probe)
 
 
 def etcd_probe(client: EtcdClient) -> EtcdProbe:
