@@ -84,7 +84,9 @@ async def test_kill_9_the_leader_member(etcd_cluster: EtcdCluster, proxies: list
         resumed = fleet.resumed_after(killed_at)
         gap = fleet.longest_gap(killed_at)
         rg = regional(daemon)
-        print(f"\nkill -9 leader: {verdict}; first ack {resumed:.2f}s after, longest gap {gap:.2f}s")
+        print(
+            f"\nkill -9 leader: {verdict}; first ack {resumed:.2f}s after, longest gap {gap:.2f}s"
+        )
         assert verdict.lost == 0, verdict
         assert verdict.duplicated == 0, verdict
         assert rg.session.restarts == 0, "the session lease survives a leader's death"
