@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     from lpmosd.token_cli import register as register_token
 
     register_token(sub)
+
+    from lpmosd.etcd_cli import register as register_etcd
+
+    register_etcd(sub)
     return parser
 
 

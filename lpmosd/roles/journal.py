@@ -11,8 +11,8 @@ Files: ``journal-{idc}.jsonl`` (entries, each with a sequence number), ``journal
 (sequence numbers applied, one a line: entries of different agents are applied in parallel,
 so not in file order) and ``journal-{idc}.applied`` (the highest number ever used, kept when
 both are emptied once everything is applied). An entry applied but not yet marked when the
-regional dies is applied again: progress is idempotent, a finish that already happened is
-refused and dropped, a log batch may be stored twice. Order is kept per agent.
+regional dies is applied again: each carries the operation id of the agent's request, so
+etcd's copy recognises it and it is not applied twice. Order is kept per agent.
 The journal is bounded (``max_entries``): when full, reports are refused (503) and the agents
 keep retrying them.
 """

@@ -313,17 +313,25 @@ class Regional:
     async def _apply(self, entry: Entry) -> None:
         args, idc, sn = entry.args, self.idc, entry.sn
         stored = None
+        op_id = args.get("op_id")  # the id the agent's request carried: applied once
         if entry.op == "progress":
             stored = await self.store.record_progress(
-                idc, sn, step=args["step"], percent=args["percent"], message=args["message"]
+                idc,
+                sn,
+                step=args["step"],
+                percent=args["percent"],
+                message=args["message"],
+                op_id=op_id,
             )
         elif entry.op == "logs":
-            stored = await self.store.append_logs(idc, sn, args["lines"], level=args["level"])
+            stored = await self.store.append_logs(
+                idc, sn, args["lines"], level=args["level"], op_id=op_id
+            )
         else:
             outcome = TaskStatus.COMPLETED if entry.op == "complete" else TaskStatus.FAILED
             lease_id = self.lease_id(sn) or await self.store.get_lease_id(idc, sn)
             stored = await self.store.finish(
-                idc, sn, outcome=outcome, reason=str(args.get("reason", ""))
+                idc, sn, outcome=outcome, reason=str(args.get("reason", "")), op_id=op_id
             )
             await self.revoke_quietly(lease_id)
             self.heartbeats.pop(sn, None)

@@ -58,9 +58,10 @@ from lpmosd.models import (
     Task,
     TaskStatus,
     utcnow,
+    valid_op_id,
 )
 from lpmosd.roles.journal import Op
-from lpmosd.store import LIVE, StoredTask
+from lpmosd.store import LIVE, StoredTask, new_op_id
 from lpmosd.view import PrefixView
 from lpmosd.web.common import (
     error_response,
@@ -98,6 +99,23 @@ log = logging.getLogger("lpmosd.agent_api")
 RATE_LIMITED = Counter(
     "lpmosd_rate_limited_total", "Agent API requests refused with 429.", registry=REGISTRY
 )
+
+
+#: The header that names one agent request, the same on each of its retries.
+OP_ID_HEADER = "Idempotency-Key"
+
+
+def _op_id() -> str | None:
+    """The request's operation id (``Idempotency-Key``), recorded in the task with its
+    change: a request repeated after a lost answer is recognised, not applied twice."""
+    value = request.headers.get(OP_ID_HEADER)
+    if value is None:
+        return None
+    if len(value) > 64 or not valid_op_id(value):
+        raise ValidationError(
+            f"{OP_ID_HEADER} must be 1-64 letters, digits or _.:-", field=OP_ID_HEADER
+        )
+    return f"agent:{value}"
 
 
 def _bearer() -> str:
@@ -250,8 +268,7 @@ def create_agent_app(rg: Regional) -> QuartTrio:
 
         A report queues behind journaled ones of the same agent (order is kept); one that
         etcd does not take within ``journal_after`` seconds is journaled (should the write
-        land after all, the journal applies it again: idempotent for progress and finishes,
-        a log batch may be stored twice).
+        land after all, its operation id makes the journal's copy a no-op).
         """
         rg.heartbeats[sn] = trio.current_time()  # any report says the agent is alive
         if not rg.autonomous and not rg.journal.has(sn):
@@ -542,14 +559,23 @@ def create_agent_app(rg: Regional) -> QuartTrio:
         task_kv = await authorize(view, sn)
         req = ProgressRequest.from_obj(await read_json(max_body))
         args: dict[str, Any] = {"step": req.step, "percent": req.percent, "message": req.message}
+        # One id for the write and, should etcd not take it in time, its journal entry: a
+        # write that landed after all is recognised when the journal applies it.
+        op_id = _op_id() or new_op_id()
         return await report(
             view,
             sn,
             task_kv,
             "progress",
-            args,
+            {**args, "op_id": op_id},
             lambda: rg.writer.record_progress(
-                idc, sn, step=req.step, percent=req.percent, message=req.message, current=task_kv
+                idc,
+                sn,
+                step=req.step,
+                percent=req.percent,
+                message=req.message,
+                current=task_kv,
+                op_id=op_id,
             ),
         )
 
@@ -559,26 +585,33 @@ def create_agent_app(rg: Regional) -> QuartTrio:
         sn = schema.validate_sn(sn)
         task_kv = await authorize(view, sn)
         req = LogRequest.from_obj(await read_json(max_body))
+        op_id = _op_id() or new_op_id()
         return await report(
             view,
             sn,
             task_kv,
             "logs",
-            {"lines": list(req.lines), "level": req.level},
-            lambda: store.append_logs(idc, sn, req.lines, level=req.level, current=task_kv),
+            {"lines": list(req.lines), "level": req.level, "op_id": op_id},
+            lambda: store.append_logs(
+                idc, sn, req.lines, level=req.level, current=task_kv, op_id=op_id
+            ),
         )
 
     async def finish(
         view: PrefixView, sn: str, task_kv: KeyValue, outcome: TaskStatus, reason: str
     ) -> Response:
+        op_id = _op_id() or new_op_id()
+
         async def write() -> StoredTask:
             lease_id = rg.lease_id(sn)
-            stored = await store.finish(idc, sn, outcome=outcome, reason=reason, current=task_kv)
+            stored = await store.finish(
+                idc, sn, outcome=outcome, reason=reason, current=task_kv, op_id=op_id
+            )
             await rg.revoke_quietly(lease_id)
             return stored
 
         op: Op = "complete" if outcome is TaskStatus.COMPLETED else "fail"
-        response = await report(view, sn, task_kv, op, {"reason": reason}, write)
+        response = await report(view, sn, task_kv, op, {"reason": reason, "op_id": op_id}, write)
         if response.status_code == 200:
             # Done with this agent. A journaled finish keeps it "heard": its lease is then
             # re-established after the outage, until the journal has applied the finish.

@@ -26,7 +26,7 @@ from lpmosd.agent.facts import HardwareFacts
 from lpmosd.agent.main import EXIT_OK, AgentOptions, run_agent
 from lpmosd.etcd import open_client
 from lpmosd.models import CreateTaskRequest, Disk, Nic, Task, TaskStatus
-from lpmosd.roles.control_plane import HEARTBEAT_LOST
+from lpmosd.roles.reaper import HEARTBEAT_LOST
 from lpmosd.store import Store
 
 from .conftest import Cluster, Proc
