@@ -22,6 +22,7 @@ import trio
 
 from lpmosd import schema
 from lpmosd._trio_util import open_nursery
+from lpmosd.boot.service import BootService
 from lpmosd.config import RegionalConfig
 from lpmosd.credentials import AgentToken
 from lpmosd.errors import EtcdError, ValidationError
@@ -57,11 +58,14 @@ class Regional:
     #: The leadership term every write of this regional is guarded on: a second PXE host
     #: of the IDC runs as a standby, and one that lost its lease while paused writes nothing.
     fence: Fence = field(init=False)
+    #: The IDC's boot server (iPXE scripts, per-boot credentials, artifacts, OS types).
+    boot: BootService = field(init=False)
 
     def __post_init__(self) -> None:
         self.fence = Fence(f"regional {self.config.idc}")
         self.store = self.store.fenced(self.fence)
         self.writer = TaskWriter(self.store)
+        self.boot = BootService(self.config, self.store, lambda: self.machines)
 
     @property
     def idc(self) -> str:
@@ -123,12 +127,15 @@ class Regional:
         machines = PrefixView(self.client, schema.machines_prefix(self.idc))
         servers.listeners.append(self._on_server)
         machines.listeners.append(self._on_machine_key)
+        machines.listeners.append(self.boot.on_machine_key)
         self.agent_tokens.clear()
+        self.boot.reset()
         try:
             async with open_nursery() as nursery:
                 await nursery.start(servers.run)
                 await nursery.start(machines.run)
                 self.servers, self.machines = servers, machines
+                await nursery.start(self.boot.keep_os_types_published, self.url)
                 live = sum(1 for k in machines.items if k.endswith("/lease"))
                 log.info(
                     "regional synced",
