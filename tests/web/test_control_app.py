@@ -8,8 +8,8 @@ import httpx
 import pytest
 from provisioning_kit import (
     GUIDE_TASK,
-    TEST_PLANS,
     HARDWARE,
+    TEST_PLANS,
     keyspace,
     make_config,
     open_control_api,
