@@ -49,12 +49,14 @@ TEST_PLANS: dict[str, Plan] = {
 }
 
 
-async def publish_os_types(client: EtcdClient, idc: str, os_types: tuple[str, ...]) -> None:
+async def publish_os_types(daemon: Daemon, idc: str, os_types: tuple[str, ...]) -> None:
     """What a regional of ``idc`` offering ``os_types`` publishes (for control-plane-only
     tests: without it the control plane refuses every task of the IDC)."""
-    await Store(client).publish_os_types(
-        idc, OsTypes(os_types=os_types, published_at=utcnow(), regional_url="")
-    )
+    # A client of our own: the daemon's may live in another task's trio-asyncio loop.
+    async with open_client(daemon.client.endpoints) as client:
+        await Store(client).publish_os_types(
+            idc, OsTypes(os_types=os_types, published_at=utcnow(), regional_url="")
+        )
 
 
 #: A plausible hardware report, as the agent sends it.

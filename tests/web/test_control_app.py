@@ -32,7 +32,7 @@ async def api(etcd: EtcdProcess, aio_loop: None) -> AsyncIterator[httpx.AsyncCli
     config = make_config(etcd.endpoints, roles=frozenset({ROLE_CONTROL_PLANE}))
     async with open_daemon(config) as daemon, open_control_api(daemon) as http:
         for idc in ("dc1", "dc2"):
-            await publish_os_types(daemon.client, idc, tuple(TEST_PLANS))
+            await publish_os_types(daemon, idc, tuple(TEST_PLANS))
         yield http
 
 
