@@ -108,6 +108,8 @@ class BootService:
         self.by_mac: dict[str, set[str]] = {}
         self.unknown: OrderedDict[str, UnknownBoot] = OrderedDict()
         self.checksums = ChecksumCache()
+        #: Set once this regional has published its OS types (it is the active one).
+        self.published = trio.Event()
         # A used-but-silent agent may be replaced after this long (the register rule).
         self.takeover_after = config.heartbeat_interval * 1.5
 
@@ -295,8 +297,11 @@ class BootService:
         interval: float = 30.0,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Publish now, then again whenever the set changes (an image added or removed)."""
+        """Publish now, then again whenever the set changes (an image added or removed).
+
+        Runs on the active regional only (its writes are fenced on its leadership)."""
         current = await self.publish_os_types(url)
+        self.published.set()
         task_status.started()
         while True:
             await trio.sleep(interval)

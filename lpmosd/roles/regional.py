@@ -114,6 +114,7 @@ class Regional:
                     fence=self.fence,
                     ttl=self.config.session_ttl,
                     body=self._session_body,
+                    leader_body=self._leader_body,
                     value=session_value("regional", {"idc": self.idc, "url": self.url}),
                 )
             )
@@ -135,7 +136,6 @@ class Regional:
                 await nursery.start(servers.run)
                 await nursery.start(machines.run)
                 self.servers, self.machines = servers, machines
-                await nursery.start(self.boot.keep_os_types_published, self.url)
                 live = sum(1 for k in machines.items if k.endswith("/lease"))
                 log.info(
                     "regional synced",
@@ -145,6 +145,12 @@ class Regional:
                 await trio.sleep_forever()
         finally:
             self.servers = self.machines = None
+
+    async def _leader_body(
+        self, lease: HeldLease, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """What only the active regional does: publish the IDC's installable OS types."""
+        await self.boot.keep_os_types_published(self.url, task_status=task_status)
 
     def _on_server(self, change: Change) -> None:
         if change.kv is not None and change.prev is None and not change.relisted:

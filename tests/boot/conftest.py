@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 from provisioning_kit import TEST_PLANS, make_config, open_control_api, open_daemon
 
 from lpmosd.config import DEMO_PLAN, BootConfig, Plan
@@ -80,4 +81,7 @@ async def world(etcd: EtcdProcess, aio_loop: None, tmp_path: Path) -> AsyncItera
         open_control_api(daemon) as cp,
         httpx.AsyncClient(base_url=daemon.urls["regional"]) as rg,
     ):
+        assert daemon.regional is not None
+        with trio.fail_after(10):
+            await daemon.regional.boot.published.wait()  # it leads: tasks may be created
         yield BootWorld(daemon, cp, rg, artifacts)
