@@ -27,7 +27,7 @@ from lpmosd.boot.decision import Decision, Reason, decide
 from lpmosd.boot.ostypes import OsTypes, installable
 from lpmosd.boot.scripts import InstallBoot, install_script, local_script
 from lpmosd.config import RegionalConfig
-from lpmosd.errors import ConflictError, NotFoundError, ValidationError
+from lpmosd.errors import ConflictError, EtcdError, NotFoundError, ValidationError
 from lpmosd.etcd import KeyValue
 from lpmosd.metrics import REGISTRY
 from lpmosd.models import Task, utcnow
@@ -305,5 +305,10 @@ class BootService:
         task_status.started()
         while True:
             await trio.sleep(interval)
-            if self.installable() != current.os_types:
+            if self.installable() == current.os_types:
+                continue
+            try:
                 current = await self.publish_os_types(url)
+            except EtcdError as exc:
+                # Tried again next interval; a lost leadership restarts the session anyway.
+                log.warning("publishing OS types failed", extra={"error": str(exc)})
