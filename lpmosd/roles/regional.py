@@ -23,6 +23,7 @@ import trio
 
 from lpmosd import schema
 from lpmosd._trio_util import open_nursery
+from lpmosd.boot.service import BootService
 from lpmosd.config import RegionalConfig
 from lpmosd.credentials import AgentToken
 from lpmosd.errors import EtcdError, InputError, UnavailableError, ValidationError
@@ -59,6 +60,8 @@ class Regional:
     #: The leadership term every write of this regional is guarded on: a second PXE host
     #: of the IDC runs as a standby, and one that lost its lease while paused writes nothing.
     fence: Fence = field(init=False)
+    #: The IDC's boot server (iPXE scripts, per-boot credentials, artifacts, OS types).
+    boot: BootService = field(init=False)
 
     #: Reports etcd could not take yet, applied in order when it answers (see journal.py).
     journal: ReportJournal = field(init=False)
@@ -91,6 +94,7 @@ class Regional:
                 "etcd is unreachable and the report journal is not writable"
             ) from exc
         self._journal_wake.set()
+        self.boot = BootService(self.config, self.store, lambda: self.machines)
 
     @property
     def idc(self) -> str:
@@ -167,7 +171,9 @@ class Regional:
         machines = PrefixView(self.client, schema.machines_prefix(self.idc))
         servers.listeners.append(self._on_server)
         machines.listeners.append(self._on_machine_key)
+        machines.listeners.append(self.boot.on_machine_key)
         self.agent_tokens.clear()
+        self.boot.reset()
         # When the session ends the views stay, frozen: agents are served from them while
         # etcd is away (reports go to the journal) until a new session replaces them.
         await self._session_work(servers, machines, task_status)
@@ -191,14 +197,14 @@ class Regional:
     async def _leader_body(
         self, lease: HeldLease, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """The active regional only: leases re-established, then the journal applied."""
+        """What only the active regional does: re-establish agent leases (then the journal
+        is applied) and publish the IDC's installable OS types."""
         machines = self.machines
         assert machines is not None, "the session body syncs the views before the election"
         self._led = True
         await self._rebind_leases(machines)
         self._journal_wake.set()
-        task_status.started()
-        await trio.sleep_forever()
+        await self.boot.keep_os_types_published(self.url, task_status=task_status)
 
     async def _rebind_leases(self, machines: PrefixView) -> None:
         """At session start: give a fresh lease to every enrolled agent of an approved or
