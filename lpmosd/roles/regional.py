@@ -77,6 +77,7 @@ class Regional:
         self.journal = ReportJournal(
             self.config.state_dir, self.config.idc, max_entries=self.config.journal_max_entries
         )
+        self.boot = BootService(self.config, self.store, lambda: self.machines)
 
     @property
     def autonomous(self) -> bool:
@@ -94,7 +95,6 @@ class Regional:
                 "etcd is unreachable and the report journal is not writable"
             ) from exc
         self._journal_wake.set()
-        self.boot = BootService(self.config, self.store, lambda: self.machines)
 
     @property
     def idc(self) -> str:
