@@ -526,7 +526,7 @@ _TASK_REQUIRED: Final = (
     "created_by",
 )
 # Ours, not the guide's; optional on input so guide-shaped documents parse.
-_TASK_EXTRAS: Final = ("idc", "logs_dropped", "resume_from", "error", "ops")
+_TASK_EXTRAS: Final = ("idc", "logs_dropped", "resume_from", "error", "ops", "netboot")
 #: Operation ids a task document remembers (see :attr:`Task.ops`).
 MAX_TASK_OPS: Final = 16
 _OP_ID_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,80}")
@@ -565,6 +565,9 @@ class Task(_Document):
     #: than comparing values, so a write is never applied twice. Stored, not shown by
     #: the API (:meth:`to_dict`).
     ops: tuple[str, ...] = ()
+    #: Whether the machine PXE-boots the installer: true on create and retry; the Txn that
+    #: completes the task turns it off, so an installed machine boots its disk.
+    netboot: bool = True
 
     def with_op(self, op_id: str) -> Self:
         """This task with ``op_id`` remembered as applied."""
@@ -599,6 +602,7 @@ class Task(_Document):
             "logs_dropped": self.logs_dropped,
             "resume_from": self.resume_from,
             "error": self.error,
+            "netboot": self.netboot,
         }
 
     @classmethod
@@ -614,6 +618,7 @@ class Task(_Document):
                 raise ValidationError(f"logs[{i}] must be a string", field=f"logs[{i}]")
             logs.append(line)
         approval_raw = f.raw("approval")
+        status = f.get_status("status")
         return cls(
             task_id=f.get_str("task_id", nonempty=True, ident=True),
             idc=idc,
@@ -623,7 +628,7 @@ class Task(_Document):
             os_version=f.get_str("os_version"),
             disk_layout=f.get_str("disk_layout"),
             network_config=f.get_str("network_config"),
-            status=f.get_status("status"),
+            status=status,
             status_history=tuple(
                 StatusChange._parse(c, f"status_history[{i}]")
                 for i, c in enumerate(f.get_list("status_history"))
@@ -641,6 +646,8 @@ class Task(_Document):
             resume_from=f.get_opt_str("resume_from"),
             error=f.get_opt_str("error"),
             ops=_parse_ops(f.get_list("ops", max_items=MAX_TASK_OPS) if f.has("ops") else []),
+            # Documents written before the flag existed: a completed task boots its disk.
+            netboot=f.get_bool("netboot", default=status is not TaskStatus.COMPLETED),
         )
 
 
@@ -1155,6 +1162,7 @@ def retry(task: Task, *, now: datetime, actor: str, reason: str = "") -> Task:
         reason=reason or "retry",
         resume_from=_first_unfinished(task.progress),
         error=None,
+        netboot=True,
     )
 
 
@@ -1219,6 +1227,7 @@ def complete(task: Task, *, now: datetime, actor: str = "agent") -> Task:
         reason="",
         log="Installation completed",
         resume_from=None,
+        netboot=False,
     )
 
 
