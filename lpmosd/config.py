@@ -272,7 +272,8 @@ class RegionalConfig:
     state_dir: Path = Path("/var/lib/lpmosd")
     #: Reports the journal holds at most (beyond: 503, the agents retry).
     journal_max_entries: int = 100_000
-    #: Seconds an agent report waits for etcd before it is journaled instead.
+    #: Seconds a heartbeat waits for etcd to refresh the lease before it is answered from
+    #: the view (etcd away: the lease is re-established afterwards).
     journal_after: float = 2.0
     boot: BootConfig = field(default_factory=BootConfig)
 

@@ -268,16 +268,20 @@ def create_agent_app(rg: Regional) -> QuartTrio:
     ) -> Response:
         """Commit an agent report to etcd, or journal it when etcd is away (202).
 
-        A report queues behind journaled ones of the same agent (order is kept); one that
-        etcd does not take within ``journal_after`` seconds is journaled (should the write
-        land after all, its operation id makes the journal's copy a no-op).
+        A report waits for journaled ones of the same agent to be applied (order is kept);
+        one etcd refuses is journaled too.
         """
         rg.heartbeats[sn] = trio.current_time()  # any report says the agent is alive
-        if not rg.autonomous and not rg.journal.has(sn):
+        # Order: earlier reports of this agent still in the journal go first (it is being
+        # applied while the regional leads; without a session everything is journaled).
+        while rg.journal.has(sn) and not rg.autonomous:  # noqa: ASYNC110 - no event to wait on
+            await trio.sleep(0.05)
+        if not rg.autonomous:
             try:
-                with trio.fail_after(cfg.journal_after):
-                    stored = await write()
-            except (EtcdError, trio.TooSlowError) as exc:
+                stored = await write()
+            except EtcdError as exc:
+                # The client settles ambiguous writes before it raises: this one did not
+                # land (and should it have, its operation id makes the journal's a no-op).
                 log.warning(
                     "etcd did not take a report; journaling it",
                     extra={"sn": sn, "op": op, "error": str(exc) or type(exc).__name__},
