@@ -41,6 +41,7 @@ from lpmosd.errors import (
     AuthenticationError,
     ConflictError,
     EtcdError,
+    EtcdUnavailableError,
     LeaseNotFoundError,
     NotFoundError,
     PermissionDeniedError,
@@ -279,9 +280,10 @@ def create_agent_app(rg: Regional) -> QuartTrio:
         if not rg.autonomous:
             try:
                 stored = await write()
-            except EtcdError as exc:
-                # The client settles ambiguous writes before it raises: this one did not
-                # land (and should it have, its operation id makes the journal's a no-op).
+            except EtcdUnavailableError as exc:
+                # etcd unreachable (not a refusal such as NOSPACE: that answers 5xx). The
+                # client settles ambiguous writes before it raises: this one did not land
+                # (and should it have, its operation id makes the journal's a no-op).
                 log.warning(
                     "etcd did not take a report; journaling it",
                     extra={"sn": sn, "op": op, "error": str(exc) or type(exc).__name__},
