@@ -28,7 +28,7 @@ from datetime import datetime
 from typing import Any, Final, Self
 
 from lpmosd.errors import ValidationError
-from lpmosd.models import format_ts, parse_ts
+from lpmosd.timestamps import format_ts, parse_ts
 
 __all__ = [
     "AGENT_TOKEN_PREFIX",

@@ -24,10 +24,10 @@ from typing import Any, Final
 import trio
 
 from lpmosd import schema
+from lpmosd.documents import MachineMeta, ProgressStep, ServerEntry, Task
 from lpmosd.errors import CompactedError, NotFoundError, ValidationError
 from lpmosd.etcd import EtcdClient, EventType, KeyValue, WatchEvent, watch
 from lpmosd.migrate import v2
-from lpmosd.models import MachineMeta, ProgressStep, ServerEntry, Task, format_ts
 from lpmosd.opsutil import (
     add_etcd_arguments,
     bar,
@@ -38,6 +38,7 @@ from lpmosd.opsutil import (
     sn_arg,
 )
 from lpmosd.store import hardware_summary, parse_lease_value
+from lpmosd.timestamps import format_ts
 
 __all__ = [
     "register",

@@ -27,6 +27,7 @@ from lpmosd.errors import ValidationError
 __all__ = [
     "NAME_RE",
     "ROOT",
+    "STEP_RE",
     "KeyKind",
     "ParsedKey",
     "agent_token_key",
@@ -50,6 +51,9 @@ ROOT: Final = "/os/"
 #: An IDC or serial number: ASCII only, at most 64 characters. The first character must be
 #: alphanumeric, which also refuses "." and "..".
 NAME_RE: Final[re.Pattern[str]] = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
+
+#: An install step name (plan steps, progress reports): lower-case, at most 64 characters.
+STEP_RE: Final[re.Pattern[str]] = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}", re.ASCII)
 
 _HEX2 = "[0-9A-Fa-f]{2}"
 _HEX4 = "[0-9A-Fa-f]{4}"

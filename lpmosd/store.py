@@ -13,8 +13,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from lpmosd import models, schema
+from lpmosd import api_requests, documents, lifecycle, schema, timestamps
+from lpmosd.api_requests import CreateTaskRequest
 from lpmosd.credentials import Enrolment
+from lpmosd.documents import MachineMeta, ServerEntry, Task, TaskStatus
 from lpmosd.errors import ConflictError, InputError, NotFoundError, ValidationError
 from lpmosd.etcd import (
     Compare,
@@ -25,15 +27,7 @@ from lpmosd.etcd import (
     delete,
     put,
 )
-from lpmosd.models import (
-    ACTIVE_AGENT,
-    TERMINAL,
-    CreateTaskRequest,
-    MachineMeta,
-    ServerEntry,
-    Task,
-    TaskStatus,
-)
+from lpmosd.lifecycle import ACTIVE_AGENT, TERMINAL
 
 log = logging.getLogger("lpmosd.store")
 
@@ -108,16 +102,16 @@ def with_hardware_step(task: Task, meta: MachineMeta, *, now: datetime) -> Task:
     Unlike install progress this does not move the task to installing: an agent registers
     before an operator approves, so the operator can check the hardware first.
     """
-    entry = models.ProgressStep(HARDWARE_STEP, 100, now, "Hardware collection complete")
+    entry = documents.ProgressStep(HARDWARE_STEP, 100, now, "Hardware collection complete")
     rest = tuple(p for p in task.progress if p.step != HARDWARE_STEP)
     task = replace(task, progress=(entry, *rest), updated_at=now)
-    return models.append_logs(task, [hardware_summary(meta)], now=now)
+    return lifecycle.append_logs(task, [hardware_summary(meta)], now=now)
 
 
 class Store:
     """The provisioning operations over one etcd client."""
 
-    def __init__(self, client: EtcdClient, *, clock: Callable[[], datetime] = models.utcnow):
+    def __init__(self, client: EtcdClient, *, clock: Callable[[], datetime] = timestamps.utcnow):
         self.client = client
         self.clock = clock
 
@@ -190,7 +184,7 @@ class Store:
         task_key = schema.task_key(req.idc, req.sn)
         enrolment_key = schema.enrolment_key(req.idc, req.sn)
         now = self.clock()
-        task = models.new_task(req, task_id=new_task_id(), now=now, actor=actor)
+        task = lifecycle.new_task(req, task_id=new_task_id(), now=now, actor=actor)
         ops: list[Op] = [
             put(server_key, ServerEntry.for_task(task).to_json()),
             put(task_key, task.to_json()),
@@ -277,7 +271,7 @@ class Store:
         """pending → approved, recording who approved and why."""
         now = self.clock()
         stored = await self.update_task(
-            idc, sn, lambda t: models.approve(t, approved_by=approved_by, notes=notes, now=now)
+            idc, sn, lambda t: lifecycle.approve(t, approved_by=approved_by, notes=notes, now=now)
         )
         return stored.task
 
@@ -287,7 +281,7 @@ class Store:
         stored = await self.update_task(
             idc,
             sn,
-            lambda t: models.cancel(t, now=now, actor=actor, reason=reason),
+            lambda t: lifecycle.cancel(t, now=now, actor=actor, reason=reason),
             also=lambda t: (delete(schema.lease_key(idc, sn)),),
         )
         return stored.task
@@ -310,7 +304,7 @@ class Store:
                     f"cannot retry a task in status {t.status}; only a failed task can be retried",
                     field="status",
                 )
-            return models.retry(t, now=now, actor=actor)
+            return lifecycle.retry(t, now=now, actor=actor)
 
         def also(t: Task) -> Sequence[Op]:
             # The failed attempt's agent token must not come back to life with the task:
@@ -382,7 +376,7 @@ class Store:
             if t.status not in only_if:
                 skipped.append(True)
                 return t
-            return models.fail(t, reason, now=now, actor=actor)
+            return lifecycle.fail(t, reason, now=now, actor=actor)
 
         try:
             stored = await self.update_task(idc, sn, fn, guards=guards, current=current)
@@ -478,7 +472,7 @@ class Store:
         return await self.update_task(
             idc,
             sn,
-            lambda t: models.record_progress(t, step, percent, message, now=now),
+            lambda t: lifecycle.record_progress(t, step, percent, message, now=now),
             current=current,
         )
 
@@ -488,7 +482,7 @@ class Store:
         sn: str,
         lines: Sequence[str],
         *,
-        level: models.LogLevel = "INFO",
+        level: api_requests.LogLevel = "INFO",
         current: KeyValue | None = None,
     ) -> StoredTask:
         """Append agent log lines to the task (capped)."""
@@ -497,7 +491,7 @@ class Store:
         def fn(t: Task) -> Task:
             if t.status in TERMINAL and t.status is not TaskStatus.FAILED:
                 raise ConflictError(f"task of {sn} is {t.status}", field="status")
-            return models.append_logs(t, lines, level=level, now=now)
+            return lifecycle.append_logs(t, lines, level=level, now=now)
 
         return await self.update_task(idc, sn, fn, current=current)
 
@@ -515,8 +509,8 @@ class Store:
 
         def fn(t: Task) -> Task:
             if outcome is TaskStatus.COMPLETED:
-                return models.complete(t, now=now)
-            return models.fail(t, reason, now=now, actor="agent")
+                return lifecycle.complete(t, now=now)
+            return lifecycle.fail(t, reason, now=now, actor="agent")
 
         return await self.update_task(
             idc,

@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 
 import trio
 
-from lpmosd import metrics, models, schema
+from lpmosd import lifecycle, metrics, schema
+from lpmosd.documents import ServerEntry, Task
 from lpmosd.errors import ContentionError, EtcdUnavailableError, InputError, NotFoundError
 from lpmosd.etcd import Compare, KeyValue, Op, RangeResult, get, put
 from lpmosd.etcd.txn import MAX_TXN_OPS
-from lpmosd.models import ServerEntry, Task
 from lpmosd.store import Store, StoredTask
 
 log = logging.getLogger("lpmosd.taskwriter")
@@ -182,7 +182,7 @@ class TaskWriter:
         return await self.update(
             idc,
             sn,
-            lambda t: models.record_progress(t, step, percent, message, now=now),
+            lambda t: lifecycle.record_progress(t, step, percent, message, now=now),
             current=current,
         )
 

@@ -8,9 +8,10 @@ import pytest
 import trio
 
 from lpmosd import schema
+from lpmosd.api_requests import CreateTaskRequest
+from lpmosd.documents import TaskStatus
 from lpmosd.errors import ConflictError, NotFoundError
 from lpmosd.etcd import EtcdClient, KeyValue
-from lpmosd.models import CreateTaskRequest, TaskStatus
 from lpmosd.store import Store
 from lpmosd.taskwriter import TaskWriter
 

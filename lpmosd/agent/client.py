@@ -34,9 +34,10 @@ from urllib.parse import quote
 import httpx
 import trio
 
+from lpmosd.api_requests import LogLevel
 from lpmosd.config import PlanStep
 from lpmosd.errors import LpmosdError
-from lpmosd.models import STEP_RE, LogLevel
+from lpmosd.schema import STEP_RE
 
 __all__ = [
     "AgentAPIError",

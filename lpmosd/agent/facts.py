@@ -7,7 +7,7 @@ still be able to register and install.
 
 The result, :class:`HardwareFacts`, serialises to the ``hardware`` object of the agent's
 register call (see ``lpmosd/web/openapi/agent.yaml``); its parts are the
-:class:`~lpmosd.models.Disk`, :class:`~lpmosd.models.Nic` and :class:`~lpmosd.models.Dmi`
+:class:`~lpmosd.documents.Disk`, :class:`~lpmosd.documents.Nic` and :class:`~lpmosd.documents.Dmi`
 documents the regional stores in the meta key.
 """
 
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from lpmosd.documents import Disk, Dmi, Nic
 from lpmosd.errors import ValidationError
-from lpmosd.models import Disk, Dmi, Nic
 from lpmosd.schema import normalize_mac
 
 __all__ = ["HardwareFacts", "collect_facts"]
@@ -30,7 +30,7 @@ log = logging.getLogger("lpmosd.agent")
 #: Block devices that are not installation targets: loop files, RAM disks, compressed swap,
 #: device-mapper volumes (built on top of real disks), network block devices, floppies.
 _SKIP_DISK_PREFIXES: Final = ("loop", "ram", "zram", "dm-", "nbd", "fd")
-#: Same limit the regional enforces on meta strings and lists (models._MAX_META_*).
+#: Same limit the regional enforces on meta strings and lists (documents.MAX_META_*).
 _MAX_STR: Final = 256
 _MAX_ITEMS: Final = 256
 _MAX_SPEED_MBPS: Final = 10_000_000

@@ -38,7 +38,7 @@ from lpmosd.agent.client import (
 )
 from lpmosd.agent.facts import HardwareFacts, collect_facts
 from lpmosd.agent.runner import StepResult, run_step
-from lpmosd.models import MAX_LOG_LINE_CHARS
+from lpmosd.documents import MAX_LOG_LINE_CHARS
 
 __all__ = [
     "EXIT_CANCELLED",

@@ -29,8 +29,9 @@ from typing import Final, Protocol
 import trio
 
 from lpmosd._trio_util import open_nursery
+from lpmosd.api_requests import MAX_LOG_REQUEST_LINES, LogLevel
 from lpmosd.config import PlanStep
-from lpmosd.models import MAX_LOG_LINE_CHARS, MAX_LOG_REQUEST_LINES, LogLevel
+from lpmosd.documents import MAX_LOG_LINE_CHARS
 
 __all__ = [
     "LogShipper",

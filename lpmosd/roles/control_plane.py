@@ -21,9 +21,10 @@ import trio
 from lpmosd import schema
 from lpmosd._trio_util import open_nursery
 from lpmosd.config import ControlPlaneConfig
+from lpmosd.documents import Task, TaskStatus
 from lpmosd.errors import EtcdError, InputError
 from lpmosd.etcd import Compare, EtcdClient, HeldLease
-from lpmosd.models import ACTIVE_AGENT, Task, TaskStatus
+from lpmosd.lifecycle import ACTIVE_AGENT
 from lpmosd.roles.session import SessionState, run_session, session_value
 from lpmosd.store import Store, StoredTask
 from lpmosd.tokens import TokenStore

@@ -19,9 +19,9 @@ from lpmosd import schema
 from lpmosd._trio_util import open_nursery
 from lpmosd.config import RegionalConfig
 from lpmosd.credentials import AgentToken
+from lpmosd.documents import Task
 from lpmosd.errors import EtcdError, ValidationError
 from lpmosd.etcd import EtcdClient, HeldLease
-from lpmosd.models import Task
 from lpmosd.roles.session import SessionState, run_session, session_value
 from lpmosd.store import Store, parse_lease_value
 from lpmosd.taskwriter import TaskWriter

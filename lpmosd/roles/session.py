@@ -21,7 +21,7 @@ import trio
 from lpmosd._trio_util import open_nursery
 from lpmosd.errors import EtcdError, LeaseLost
 from lpmosd.etcd import EtcdClient, HeldLease, open_lease
-from lpmosd.models import format_ts, utcnow
+from lpmosd.timestamps import format_ts, utcnow
 
 log = logging.getLogger("lpmosd.session")
 

@@ -34,7 +34,9 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from lpmosd import schema
+from lpmosd.api_requests import FailRequest, LogRequest, ProgressRequest
 from lpmosd.credentials import MAX_SECRET_CHARS, AgentToken, Enrolment, hash_secret
+from lpmosd.documents import MachineMeta, Task, TaskStatus
 from lpmosd.errors import (
     AuthenticationError,
     ConflictError,
@@ -45,18 +47,10 @@ from lpmosd.errors import (
     ValidationError,
 )
 from lpmosd.etcd import Compare, KeyValue, put
+from lpmosd.lifecycle import ACTIVE_AGENT
 from lpmosd.metrics import REGISTRY
-from lpmosd.models import (
-    ACTIVE_AGENT,
-    FailRequest,
-    LogRequest,
-    MachineMeta,
-    ProgressRequest,
-    Task,
-    TaskStatus,
-    utcnow,
-)
 from lpmosd.store import LIVE, StoredTask
+from lpmosd.timestamps import utcnow
 from lpmosd.view import PrefixView
 from lpmosd.web.common import (
     error_response,

@@ -30,9 +30,10 @@ from typing import Any, Final
 import trio
 
 from lpmosd import schema
+from lpmosd.documents import MachineMeta, ProgressStep, Task, TaskStatus
 from lpmosd.errors import LpmosdError, UnavailableError
 from lpmosd.etcd import KeyValue
-from lpmosd.models import MachineMeta, ProgressStep, Task, TaskStatus, format_ts
+from lpmosd.timestamps import format_ts
 from lpmosd.view import Change, PrefixView
 
 log = logging.getLogger("lpmosd.dashboard")

@@ -24,8 +24,8 @@ from quart import Blueprint, render_template
 from quart_trio import QuartTrio
 
 from lpmosd import schema
+from lpmosd.documents import ServerEntry, Task
 from lpmosd.errors import LpmosdError
-from lpmosd.models import ServerEntry, Task
 from lpmosd.store import parse_lease_value
 from lpmosd.web.ops import ROLE_METRICS, etcd_probe
 from lpmosd.web.pages import page_headers

@@ -19,7 +19,7 @@ from lpmosd.agent.main import (
     AgentOptions,
     run_agent,
 )
-from lpmosd.models import Nic
+from lpmosd.documents import Nic
 
 from .agent_fakes import API, FakeRegional, FakeTask
 

@@ -17,8 +17,8 @@ from lpmosd.agent.runner import (
     run_step,
     step_env,
 )
+from lpmosd.api_requests import LogLevel
 from lpmosd.config import PlanStep
-from lpmosd.models import LogLevel
 
 VALUES = {
     "task_id": "task-001",

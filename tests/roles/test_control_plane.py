@@ -13,12 +13,14 @@ import trio
 from provisioning_kit import GUIDE_TASK, HARDWARE, keyspace, make_config, open_daemon, open_proxy
 
 from lpmosd import schema
+from lpmosd.api_requests import CreateTaskRequest
 from lpmosd.config import ROLE_CONTROL_PLANE
+from lpmosd.documents import MachineMeta, TaskStatus
 from lpmosd.etcd import EtcdClient, open_client
 from lpmosd.etcd_process import EtcdProcess
-from lpmosd.models import CreateTaskRequest, MachineMeta, TaskStatus, utcnow
 from lpmosd.roles.control_plane import HEARTBEAT_LOST, SESSION_PREFIX, session_value_host
 from lpmosd.store import Store
+from lpmosd.timestamps import utcnow
 
 S = TaskStatus
 IDC, MAC = "dc1", "00:1a:2b:3c:4d:5e"

@@ -49,12 +49,13 @@ from provisioning_kit import (
 
 import lpmosd
 from lpmosd import schema
+from lpmosd.api_requests import CreateTaskRequest
 from lpmosd.daemon import Daemon
 from lpmosd.errors import InputError
 from lpmosd.etcd import EtcdClient
 from lpmosd.etcd_process import EtcdProcess
-from lpmosd.models import CreateTaskRequest
 from lpmosd.store import Store
+from lpmosd.timestamps import utcnow
 from lpmosd.tokens import TOKEN_NAME_RE, TOKENS_PREFIX, Role, TokenStore
 
 FUZZ_EXAMPLES = 300
@@ -420,7 +421,7 @@ async def world(etcd: EtcdProcess, client: EtcdClient, store: Store) -> AsyncIte
         await store.fail("dc1", "sn-003", "x", actor="t")
         await store.cancel("dc1", "sn-004", actor="t")
         tokens = {role: await create_token(client, role) for role in Role}
-        past = lpmosd.models.utcnow() - timedelta(days=2)
+        past = utcnow() - timedelta(days=2)
         _, expired = await TokenStore(client, clock=lambda: past).create(
             "expired", Role.ADMIN, actor="t", expires_in=timedelta(days=1)
         )
