@@ -9,8 +9,8 @@ objects: only their paths are, and :meth:`EtcdConfig.read_password` reads the pa
 
 Public API: :func:`load_config`, :func:`parse_config`, :func:`dev_config`,
 :meth:`Config.with_overrides`, and the dataclasses :class:`Config`, :class:`EtcdConfig`,
-:class:`EtcdTLS`, :class:`EtcdAuth`, :class:`ControlPlaneConfig`, :class:`RegionalConfig`,
-:class:`Plan`, :class:`PlanStep`.
+:class:`EtcdTLS`, :class:`EtcdAuth`, :class:`ControlPlaneConfig`, :class:`RegionalConfig`
+(plans are :class:`lpmosd.plan.Plan`).
 """
 
 from __future__ import annotations
@@ -32,13 +32,12 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from lpmosd.errors import ConfigError
+from lpmosd.plan import DEFAULT_STEP_TIMEOUT, DEMO_PLAN, PLAN_PLACEHOLDERS, Plan, PlanStep
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
-    "DEMO_PLAN",
     "LOG_FORMATS",
     "LOG_LEVELS",
-    "PLAN_PLACEHOLDERS",
     "ROLES",
     "ROLE_CONTROL_PLANE",
     "ROLE_REGIONAL",
@@ -47,8 +46,6 @@ __all__ = [
     "EtcdAuth",
     "EtcdConfig",
     "EtcdTLS",
-    "Plan",
-    "PlanStep",
     "RegionalConfig",
     "dev_config",
     "load_config",
@@ -66,15 +63,9 @@ ROLES: Final = frozenset({ROLE_CONTROL_PLANE, ROLE_REGIONAL})
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("json", "text")
 
-PLAN_PLACEHOLDERS: Final = frozenset(
-    {"task_id", "idc", "sn", "mac", "os_type", "os_version", "disk_layout", "network_config"}
-)
-"""Task fields a plan step's command may reference as ``{name}`` (``{{``/``}}`` for braces)."""
-
 _DEFAULT_ENDPOINTS: Final = ("http://127.0.0.1:2379",)
 _DEFAULT_MAX_BODY: Final = 1024 * 1024
 _MAX_BODY_RANGE: Final = (1024, 64 * 1024 * 1024)
-_DEFAULT_STEP_TIMEOUT: Final = 3600.0
 _MAX_PLAN_STEPS: Final = 64
 
 # Same rule as schema names (idc, sn): it becomes an etcd key segment.
@@ -145,58 +136,6 @@ class ControlPlaneConfig:
     tls_key_file: Path | None = None
     max_body_bytes: int = _DEFAULT_MAX_BODY
     metrics_public: bool = True
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class PlanStep:
-    """One step of an install plan.
-
-    ``command`` is an argv (never a shell string); its arguments may contain
-    :data:`PLAN_PLACEHOLDERS` as ``{name}``, filled in by :meth:`render`. A step with
-    ``simulate`` set has no command: the agent sleeps that many seconds instead (demo plan).
-    """
-
-    name: str
-    command: tuple[str, ...] = ()
-    timeout: float = _DEFAULT_STEP_TIMEOUT
-    simulate: float | None = None
-
-    def render(self, values: Mapping[str, str]) -> tuple[str, ...]:
-        """Return ``command`` with ``{placeholder}`` fields replaced from ``values``.
-
-        Raises KeyError if a placeholder used by the command is missing from ``values``.
-        """
-        return tuple(arg.format_map(values) for arg in self.command)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Plan:
-    """The ordered steps an agent runs to install one ``os_type``."""
-
-    os_type: str
-    steps: tuple[PlanStep, ...]
-
-    @property
-    def step_names(self) -> tuple[str, ...]:
-        """Step names in order."""
-        return tuple(step.name for step in self.steps)
-
-
-DEMO_PLAN: Final = Plan(
-    os_type="demo",
-    steps=tuple(
-        PlanStep(name=name, timeout=60.0, simulate=1.0)
-        for name in (
-            "partitioning",
-            "base_system",
-            "packages",
-            "bootloader",
-            "network",
-            "post_install",
-        )
-    ),
-)
-"""The built-in plan for os_type ``"demo"``: every step is simulated; a config may override it."""
 
 
 def _default_plans() -> Mapping[str, Plan]:
@@ -590,7 +529,7 @@ def _parse_step(value: object, path: str) -> PlanStep:
     name = _string(sec.require("name"), sec.key("name"))
     if not _STEP_NAME_RE.fullmatch(name):
         raise ConfigError(sec.key("name"), f"must match {_STEP_NAME_RE.pattern}")
-    timeout = _number(sec.get("timeout", _DEFAULT_STEP_TIMEOUT), sec.key("timeout"), 1, 86400)
+    timeout = _number(sec.get("timeout", DEFAULT_STEP_TIMEOUT), sec.key("timeout"), 1, 86400)
     simulate = None
     if "simulate" in sec:
         simulate = _number(sec.get("simulate"), sec.key("simulate"), 0, timeout, lo_open=True)

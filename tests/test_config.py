@@ -11,22 +11,19 @@ from pathlib import Path
 import pytest
 
 from lpmosd.config import (
-    DEMO_PLAN,
-    PLAN_PLACEHOLDERS,
     ROLES,
     Config,
     ControlPlaneConfig,
     EtcdAuth,
     EtcdConfig,
     EtcdTLS,
-    Plan,
-    PlanStep,
     RegionalConfig,
     dev_config,
     load_config,
     parse_config,
 )
 from lpmosd.errors import ConfigError
+from lpmosd.plan import DEMO_PLAN, PLAN_PLACEHOLDERS, Plan, PlanStep, render_command
 
 SHIPPED = Path(__file__).resolve().parent.parent / "packaging" / "lpmosd.toml"
 REGIONAL = '[regional]\nidc = "dc1"\n'
@@ -552,8 +549,9 @@ def test_plans_parsed_and_demo_overridable() -> None:
         ),
     )
     assert plan.step_names == ("partitioning", "base_system")
-    assert plan.steps[1].render(
-        {"os_type": "Ubuntu 22.04", "os_version": "22.04", "disk_layout": "auto"}
+    assert render_command(
+        plan.steps[1].command,
+        {"os_type": "Ubuntu 22.04", "os_version": "22.04", "disk_layout": "auto"},
     ) == ("/bin/install", "Ubuntu 22.04 22.04", "{literal}")
     assert rg.plan_for("demo") == Plan(
         os_type="demo", steps=(PlanStep(name="only", timeout=3600.0, simulate=0.1),)

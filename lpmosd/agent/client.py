@@ -35,8 +35,8 @@ import httpx
 import trio
 
 from lpmosd.api_requests import LogLevel
-from lpmosd.config import PlanStep
 from lpmosd.errors import LpmosdError
+from lpmosd.plan import PlanStep
 from lpmosd.schema import STEP_RE
 
 __all__ = [

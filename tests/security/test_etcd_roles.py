@@ -30,13 +30,12 @@ from lpmosd.config import (
     EtcdAuth,
     EtcdConfig,
     EtcdTLS,
-    Plan,
-    PlanStep,
 )
 from lpmosd.errors import EtcdAuthError
 from lpmosd.etcd import Auth, Compare, TLSFiles, open_client, put
 from lpmosd.etcd_process import EtcdProcess, find_etcdctl_binary
 from lpmosd.etcd_process import TLSFiles as CertFiles
+from lpmosd.plan import Plan, PlanStep
 from lpmosd.tokens import Role
 
 ROOT = Path(__file__).resolve().parents[2]

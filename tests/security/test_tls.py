@@ -12,9 +12,10 @@ from provisioning_kit import GUIDE_TASK, bearer, create_token, make_config, open
 
 from lpmosd.agent.client import RetryPolicy
 from lpmosd.agent.main import EXIT_OK, AgentOptions, run_agent
-from lpmosd.config import Config, Plan, PlanStep
+from lpmosd.config import Config
 from lpmosd.etcd import EtcdClient
 from lpmosd.etcd_process import EtcdProcess, TLSFiles
+from lpmosd.plan import Plan, PlanStep
 from lpmosd.tokens import Role
 
 
