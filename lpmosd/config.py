@@ -22,7 +22,6 @@ import json
 import math
 import re
 import stat
-import string
 import tomllib
 import types
 from collections.abc import Collection, Mapping, Sequence
@@ -32,7 +31,8 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from lpmosd.errors import ConfigError
-from lpmosd.plan import DEFAULT_STEP_TIMEOUT, DEMO_PLAN, PLAN_PLACEHOLDERS, Plan, PlanStep
+from lpmosd.plan import DEMO_PLAN, STEP_KEYS, Plan, PlanError, check_os_type, parse_steps
+from lpmosd.schema import NAME_RE
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -66,11 +66,7 @@ LOG_FORMATS: Final = ("json", "text")
 _DEFAULT_ENDPOINTS: Final = ("http://127.0.0.1:2379",)
 _DEFAULT_MAX_BODY: Final = 1024 * 1024
 _MAX_BODY_RANGE: Final = (1024, 64 * 1024 * 1024)
-_MAX_PLAN_STEPS: Final = 64
 
-# Same rule as schema names (idc, sn): it becomes an etcd key segment.
-_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_STEP_NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 _HOSTNAME_RE: Final = re.compile(
     r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
@@ -503,72 +499,19 @@ def _parse_plans(value: object, path: str) -> Mapping[str, Plan]:
     plans = dict(_default_plans())  # "demo" always exists; the file may replace it
     for os_type, plan_value in table.items():
         plan_path = _join(path, os_type)
-        if not (0 < len(os_type) <= 128 and os_type.isprintable() and os_type.strip() == os_type):
-            raise ConfigError(
-                plan_path, "os_type must be 1..128 printable characters, no surrounding spaces"
-            )
         sec = _Section(plan_value, plan_path, ("steps",))
         steps_path = sec.key("steps")
         raw_steps = sec.require("steps")
         if not isinstance(raw_steps, list) or not all(isinstance(s, Mapping) for s in raw_steps):
             raise ConfigError(steps_path, "must be a list of tables")
-        if not 1 <= len(raw_steps) <= _MAX_PLAN_STEPS:
-            raise ConfigError(steps_path, f"must have 1..{_MAX_PLAN_STEPS} steps")
-        steps: list[PlanStep] = []
         for i, raw in enumerate(raw_steps):
-            step = _parse_step(raw, f"{steps_path}[{i}]")
-            if any(s.name == step.name for s in steps):
-                raise ConfigError(f"{steps_path}[{i}].name", f"duplicate step name {step.name!r}")
-            steps.append(step)
-        plans[os_type] = Plan(os_type=os_type, steps=tuple(steps))
-    return types.MappingProxyType(plans)
-
-
-def _parse_step(value: object, path: str) -> PlanStep:
-    sec = _Section(value, path, ("name", "command", "timeout", "simulate"))
-    name = _string(sec.require("name"), sec.key("name"))
-    if not _STEP_NAME_RE.fullmatch(name):
-        raise ConfigError(sec.key("name"), f"must match {_STEP_NAME_RE.pattern}")
-    timeout = _number(sec.get("timeout", DEFAULT_STEP_TIMEOUT), sec.key("timeout"), 1, 86400)
-    simulate = None
-    if "simulate" in sec:
-        simulate = _number(sec.get("simulate"), sec.key("simulate"), 0, timeout, lo_open=True)
-    command: tuple[str, ...] = ()
-    if "command" in sec:
-        if simulate is not None:
-            raise ConfigError(path, "set either command or simulate, not both")
-        command = _command(sec.get("command"), sec.key("command"))
-    elif simulate is None:
-        raise ConfigError(sec.key("command"), "is required (an argv list) unless simulate is set")
-    return PlanStep(name=name, command=command, timeout=timeout, simulate=simulate)
-
-
-def _command(value: object, path: str) -> tuple[str, ...]:
-    argv = _str_list(value, path)
-    if not argv:
-        raise ConfigError(path, "must not be empty")
-    # An absolute program path: no PATH lookup on the machine being installed, no shell.
-    if not argv[0].startswith("/") or "{" in argv[0]:
-        raise ConfigError(f"{path}[0]", "must be an absolute program path without placeholders")
-    for i, arg in enumerate(argv):
+            _Section(raw, f"{steps_path}[{i}]", STEP_KEYS)  # unknown keys, with a hint
         try:
-            fields = list(string.Formatter().parse(arg))
-        except ValueError as exc:
-            raise ConfigError(f"{path}[{i}]", f"bad placeholder syntax: {exc}") from exc
-        for _, name, spec, conversion in fields:
-            if name is None:
-                continue
-            if name not in PLAN_PLACEHOLDERS:
-                known = ", ".join("{" + p + "}" for p in sorted(PLAN_PLACEHOLDERS))
-                raise ConfigError(
-                    f"{path}[{i}]",
-                    f"unknown placeholder {{{name}}} (known: {known}; write {{{{ }}}} for braces)",
-                )
-            if spec or conversion:
-                raise ConfigError(
-                    f"{path}[{i}]", f"placeholder {{{name}}} takes no conversion or format spec"
-                )
-    return tuple(argv)
+            plans[os_type] = Plan(os_type=check_os_type(os_type), steps=parse_steps(raw_steps))
+        except PlanError as exc:
+            where = f"{plan_path}.{exc.path}" if exc.path else plan_path
+            raise ConfigError(where, exc.message) from None
+    return types.MappingProxyType(plans)
 
 
 def _listener_tls(sec: _Section, base: Path) -> tuple[Path | None, Path | None]:
@@ -712,8 +655,9 @@ def _idc(value: object, path: str) -> str:
     idc = _string(value, path)
     if not idc:
         raise ConfigError(path, "must be set (the IDC this host serves)")
-    if not _NAME_RE.fullmatch(idc):
-        raise ConfigError(path, f"must match {_NAME_RE.pattern}")
+    # The schema's rule: it becomes an etcd key segment.
+    if not NAME_RE.fullmatch(idc):
+        raise ConfigError(path, f"must match {NAME_RE.pattern}")
     return idc
 
 

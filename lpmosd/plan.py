@@ -7,18 +7,29 @@ A plan comes from the regional's configuration (``[regional.plans."<os_type>"]``
 
 from __future__ import annotations
 
+import math
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
+
+from lpmosd.errors import ConfigError
+from lpmosd.schema import STEP_RE
 
 __all__ = [
     "DEFAULT_STEP_TIMEOUT",
     "DEMO_PLAN",
+    "MAX_PLAN_STEPS",
     "PLAN_PLACEHOLDERS",
+    "STEP_KEYS",
     "PlaceholderError",
     "Plan",
+    "PlanError",
     "PlanStep",
+    "check_os_type",
+    "parse_steps",
+    "plan_from_wire",
+    "plan_to_wire",
     "render_command",
 ]
 
@@ -28,6 +39,10 @@ PLAN_PLACEHOLDERS: Final = frozenset(
 """Task fields a plan step's command may reference as ``{name}`` (``{{``/``}}`` for braces)."""
 
 DEFAULT_STEP_TIMEOUT: Final = 3600.0
+MAX_STEP_TIMEOUT: Final = 86400.0
+MAX_PLAN_STEPS: Final = 64
+#: The keys of one step, in the config file and on the wire.
+STEP_KEYS: Final = ("name", "command", "timeout", "simulate")
 _FORMATTER: Final = string.Formatter()
 
 
@@ -106,3 +121,142 @@ def render_command(command: Sequence[str], values: Mapping[str, str]) -> tuple[s
             parts.append(values[name])
         out.append("".join(parts))
     return tuple(out)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+class PlanError(ConfigError):
+    """A plan breaks a rule; ``path`` says where, relative to the plan (``steps[0].name``)."""
+
+
+def check_os_type(os_type: str) -> str:
+    """The name of a plan (the ``os_type`` it installs): 1-128 printable characters."""
+    if not (0 < len(os_type) <= 128 and os_type.isprintable() and os_type.strip() == os_type):
+        raise PlanError("", "os_type must be 1..128 printable characters, no surrounding spaces")
+    return os_type
+
+
+def parse_steps(raw_steps: Sequence[Mapping[str, Any]]) -> tuple[PlanStep, ...]:
+    """Steps from their config-file or wire form (mappings of :data:`STEP_KEYS`).
+
+    The one definition of a valid plan: the regional checks its configuration with it, and
+    the agent checks what the regional served. Raises :class:`PlanError`.
+    """
+    if not 1 <= len(raw_steps) <= MAX_PLAN_STEPS:
+        raise PlanError("steps", f"must have 1..{MAX_PLAN_STEPS} steps")
+    steps: list[PlanStep] = []
+    for i, raw in enumerate(raw_steps):
+        step = _parse_step(raw, f"steps[{i}]")
+        if any(s.name == step.name for s in steps):
+            raise PlanError(f"steps[{i}].name", f"duplicate step name {step.name!r}")
+        steps.append(step)
+    return tuple(steps)
+
+
+def _parse_step(raw: Mapping[str, Any], path: str) -> PlanStep:
+    if "name" not in raw:
+        raise PlanError(f"{path}.name", "is required")
+    name = raw["name"]
+    if not isinstance(name, str):
+        raise PlanError(f"{path}.name", "must be a string")
+    if not STEP_RE.fullmatch(name):
+        # Progress reports name the step; the regional refuses other names.
+        raise PlanError(f"{path}.name", f"must match {STEP_RE.pattern}")
+    timeout = _number(
+        raw.get("timeout", DEFAULT_STEP_TIMEOUT), f"{path}.timeout", 1, MAX_STEP_TIMEOUT
+    )
+    simulate = raw.get("simulate")
+    if simulate is not None:
+        simulate = _number(simulate, f"{path}.simulate", 0, timeout, lo_open=True)
+    command: tuple[str, ...] = ()
+    raw_command = raw.get("command")
+    # On the wire a simulated step carries an empty command list.
+    if raw_command is not None and (simulate is None or raw_command != []):
+        if simulate is not None:
+            raise PlanError(path, "set either command or simulate, not both")
+        command = _command(raw_command, f"{path}.command")
+    elif simulate is None:
+        raise PlanError(f"{path}.command", "is required (an argv list) unless simulate is set")
+    return PlanStep(name=name, command=command, timeout=timeout, simulate=simulate)
+
+
+def _number(value: object, path: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PlanError(path, "must be a number")
+    number = float(value)
+    if not math.isfinite(number) or number > hi or number < lo or (lo_open and number == lo):
+        expected = f"> {lo:g} and ≤ {hi:g}" if lo_open else f"{lo:g}..{hi:g}"
+        raise PlanError(path, f"must be {expected}")
+    return number
+
+
+def _command(value: object, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise PlanError(path, "must be a list of strings")
+    if not value:
+        raise PlanError(path, "must not be empty")
+    # An absolute program path: no PATH lookup on the machine being installed, no shell.
+    if not value[0].startswith("/") or "{" in value[0]:
+        raise PlanError(f"{path}[0]", "must be an absolute program path without placeholders")
+    for i, arg in enumerate(value):
+        try:
+            fields = list(_FORMATTER.parse(arg))
+        except ValueError as exc:
+            raise PlanError(f"{path}[{i}]", f"bad placeholder syntax: {exc}") from exc
+        for _, name, spec, conversion in fields:
+            if name is None:
+                continue
+            if name not in PLAN_PLACEHOLDERS:
+                known = ", ".join("{" + p + "}" for p in sorted(PLAN_PLACEHOLDERS))
+                raise PlanError(
+                    f"{path}[{i}]",
+                    f"unknown placeholder {{{name}}} (known: {known}; write {{{{ }}}} for braces)",
+                )
+            if spec or conversion:
+                raise PlanError(
+                    f"{path}[{i}]", f"placeholder {{{name}}} takes no conversion or format spec"
+                )
+    return tuple(value)
+
+
+# ---------------------------------------------------------------------------- the wire
+
+
+def plan_to_wire(plan: Plan | None) -> dict[str, Any] | None:
+    """The ``plan`` object of the agent API (``lpmosd/web/openapi/agent.yaml``)."""
+    if plan is None:
+        return None
+    return {
+        "name": plan.os_type,
+        "steps": [
+            {
+                "name": s.name,
+                "command": list(s.command),
+                # Whole seconds as integers, as before fractional timeouts were kept.
+                "timeout": int(s.timeout) if float(s.timeout).is_integer() else s.timeout,
+                "simulate": s.simulate,
+            }
+            for s in plan.steps
+        ],
+    }
+
+
+def plan_from_wire(obj: object) -> Plan | None:
+    """Parse the ``plan`` of a task reply (``None`` stays ``None``); unknown keys are
+    ignored. Raises :class:`PlanError` with paths under ``plan``."""
+    if obj is None:
+        return None
+    try:
+        if not isinstance(obj, dict):
+            raise PlanError("", "must be an object")
+        name = obj.get("name")
+        if not isinstance(name, str):
+            raise PlanError("name", "must be a string")
+        check_os_type(name)
+        raw_steps = obj.get("steps")
+        if not isinstance(raw_steps, list) or not all(isinstance(s, dict) for s in raw_steps):
+            raise PlanError("steps", "must be a list of objects")
+        return Plan(os_type=name, steps=parse_steps(raw_steps))
+    except PlanError as exc:
+        raise PlanError(f"plan.{exc.path}" if exc.path else "plan", exc.message) from None

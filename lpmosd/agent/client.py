@@ -21,7 +21,6 @@ was revoked because the task ended (completed, failed or cancelled): that raises
 from __future__ import annotations
 
 import logging
-import math
 import random
 import ssl
 from collections.abc import Mapping, Sequence
@@ -36,22 +35,18 @@ import trio
 
 from lpmosd.api_requests import LogLevel
 from lpmosd.errors import LpmosdError
-from lpmosd.plan import PlanStep
-from lpmosd.schema import STEP_RE
+from lpmosd.plan import Plan, PlanError, plan_from_wire
 
 __all__ = [
     "AgentAPIError",
     "AgentClient",
-    "AgentPlan",
     "Heartbeat",
-    "PlanError",
     "RegionalUnavailableError",
     "Registration",
     "RetryPolicy",
     "TaskEndedError",
     "TaskReply",
     "TaskView",
-    "parse_plan",
 ]
 
 log = logging.getLogger("lpmosd.agent")
@@ -85,10 +80,6 @@ class TaskEndedError(AgentAPIError):
     def __init__(self, task_status: str, message: str) -> None:
         super().__init__(409, message, "status")
         self.task_status = task_status
-
-
-class PlanError(LpmosdError):
-    """The install plan served by the regional is malformed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,72 +173,12 @@ class TaskView:
 
 
 @dataclass(frozen=True, slots=True)
-class AgentPlan:
-    """The install plan as served to the agent: a name and ordered steps."""
-
-    name: str
-    steps: tuple[PlanStep, ...]
-
-    @property
-    def step_names(self) -> tuple[str, ...]:
-        """Step names in order."""
-        return tuple(s.name for s in self.steps)
-
-
-def _number(value: object, where: str, *, minimum: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise PlanError(f"{where} must be a number")
-    if value < minimum:
-        raise PlanError(f"{where} must be at least {minimum:g}")
-    return float(value)
-
-
-def parse_plan(obj: object) -> AgentPlan | None:
-    """Parse the ``plan`` of a task reply; ``None`` stays ``None``. Raises PlanError."""
-    if obj is None:
-        return None
-    if not isinstance(obj, dict):
-        raise PlanError("plan must be an object")
-    name = obj.get("name")
-    if not isinstance(name, str):
-        raise PlanError("plan.name must be a string")
-    raw_steps = obj.get("steps")
-    if not isinstance(raw_steps, list):
-        raise PlanError("plan.steps must be a list")
-    steps: list[PlanStep] = []
-    seen: set[str] = set()
-    for i, raw in enumerate(raw_steps):
-        where = f"plan.steps[{i}]"
-        if not isinstance(raw, dict):
-            raise PlanError(f"{where} must be an object")
-        step_name = raw.get("name")
-        if not isinstance(step_name, str) or STEP_RE.fullmatch(step_name) is None:
-            # Progress reports name the step; the regional refuses other names.
-            raise PlanError(f"{where}.name must be 1-64 of a-z, 0-9, '_', '.', '-'")
-        if step_name in seen:
-            raise PlanError(f"{where}.name {step_name!r} is repeated")
-        seen.add(step_name)
-        command = raw.get("command", [])
-        if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
-            raise PlanError(f"{where}.command must be a list of strings")
-        timeout = _number(raw.get("timeout", 3600), f"{where}.timeout", minimum=0.001)
-        sim_raw = raw.get("simulate")
-        simulate = None if sim_raw is None else _number(sim_raw, f"{where}.simulate", minimum=0)
-        if simulate is None and not command:
-            raise PlanError(f"{where} needs a command or simulate")
-        steps.append(
-            PlanStep(name=step_name, command=tuple(command), timeout=timeout, simulate=simulate)
-        )
-    return AgentPlan(name=name, steps=tuple(steps))
-
-
-@dataclass(frozen=True, slots=True)
 class TaskReply:
     """A task with its plan. ``plan_error`` is set (and ``plan`` None) when the served plan
     is malformed, so the agent can fail the task saying why."""
 
     task: TaskView
-    plan: AgentPlan | None
+    plan: Plan | None
     plan_error: str | None = None
 
 
@@ -268,13 +199,13 @@ class Heartbeat:
     lease_ttl: float
 
 
-def _task_reply(body: dict[str, Any], status: int) -> tuple[TaskView, AgentPlan | None, str | None]:
+def _task_reply(body: dict[str, Any], status: int) -> tuple[TaskView, Plan | None, str | None]:
     try:
         task = TaskView.from_obj(body.get("task"))
     except ValueError as exc:
         raise AgentAPIError(status, f"malformed response: {exc}") from None
     try:
-        return task, parse_plan(body.get("plan")), None
+        return task, plan_from_wire(body.get("plan")), None
     except PlanError as exc:
         return task, None, str(exc)
 

@@ -29,7 +29,6 @@ from lpmosd._trio_util import open_nursery
 from lpmosd.agent.client import (
     AgentAPIError,
     AgentClient,
-    AgentPlan,
     RegionalUnavailableError,
     Registration,
     RetryPolicy,
@@ -39,6 +38,7 @@ from lpmosd.agent.client import (
 from lpmosd.agent.facts import HardwareFacts, collect_facts
 from lpmosd.agent.runner import StepResult, run_step
 from lpmosd.documents import MAX_LOG_LINE_CHARS
+from lpmosd.plan import Plan
 
 __all__ = [
     "EXIT_CANCELLED",
@@ -266,7 +266,7 @@ class _Agent:
         log.info("task approved", extra={"status": reply.task.status})
         return reply
 
-    def _steps_to_run(self, plan: AgentPlan, reply: TaskReply) -> list[int]:
+    def _steps_to_run(self, plan: Plan, reply: TaskReply) -> list[int]:
         names = plan.step_names
         start = 0
         resume = reply.task.resume_from
@@ -276,7 +276,7 @@ class _Agent:
             else:
                 log.warning(
                     "resume_from is not a step of the plan; starting at the top",
-                    extra={"resume_from": resume, "plan": plan.name},
+                    extra={"resume_from": resume, "plan": plan.os_type},
                 )
         done = reply.task.progress
         todo = [i for i in range(start, len(names)) if done.get(names[i], 0) < 100]
@@ -335,11 +335,12 @@ class _Agent:
         values["sn"] = values["sn"] or self.opts.sn
         log.info(
             "running plan",
-            extra={"plan": plan.name, "steps": [plan.steps[i].name for i in todo]},
+            extra={"plan": plan.os_type, "steps": [plan.steps[i].name for i in todo]},
         )
         if todo:
+            running = ", ".join(plan.steps[i].name for i in todo)
             await self.client.logs(
-                [f"agent: plan {plan.name}: running {', '.join(plan.steps[i].name for i in todo)}"],
+                [f"agent: plan {plan.os_type}: running {running}"],
                 "INFO",
             )
         for i in todo:

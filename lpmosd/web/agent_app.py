@@ -49,6 +49,7 @@ from lpmosd.errors import (
 from lpmosd.etcd import Compare, KeyValue, put
 from lpmosd.lifecycle import ACTIVE_AGENT
 from lpmosd.metrics import REGISTRY
+from lpmosd.plan import plan_to_wire
 from lpmosd.store import LIVE, StoredTask
 from lpmosd.timestamps import utcnow
 from lpmosd.view import PrefixView
@@ -209,21 +210,7 @@ def create_agent_app(rg: Regional) -> QuartTrio:
         return rg.lease_id(sn) or await store.get_lease_id(idc, sn)
 
     def plan_view(task: Task) -> dict[str, Any] | None:
-        plan = cfg.plan_for(task.os_type)
-        if plan is None:
-            return None
-        return {
-            "name": plan.os_type,
-            "steps": [
-                {
-                    "name": s.name,
-                    "command": list(s.command),
-                    "timeout": int(s.timeout),
-                    "simulate": s.simulate,
-                }
-                for s in plan.steps
-            ],
-        }
+        return plan_to_wire(cfg.plan_for(task.os_type))
 
     def observed(view: PrefixView, stored: StoredTask) -> StoredTask:
         if stored.kv is not None:

@@ -405,7 +405,10 @@ async def test_what_the_agent_sends_matches_the_spec(spec: dict[str, Any]) -> No
             {"name": "b", "command": [], "timeout": 5, "simulate": 0.02},
         ],
     }  # fmt: skip
-    failing_plan = {"name": "bad", "steps": [{"name": "c", "command": ["false"], "timeout": 5}]}
+    failing_plan = {
+        "name": "bad",
+        "steps": [{"name": "c", "command": ["/bin/false"], "timeout": 5}],
+    }
     seen = await _run_recorded(spec, ok_plan, EXIT_OK)
     seen |= await _run_recorded(spec, failing_plan, 1)
     assert seen == set(OPERATIONS)
