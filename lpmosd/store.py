@@ -12,6 +12,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Protocol
 
 from lpmosd import api_requests, documents, lifecycle, schema, timestamps
 from lpmosd.api_requests import CreateTaskRequest
@@ -37,6 +38,16 @@ LIVE: frozenset[TaskStatus] = frozenset(TaskStatus) - TERMINAL
 HARDWARE_STEP = "hardware_collect"
 
 TaskFn = Callable[[Task], Task]
+
+
+class TaskUpdater(Protocol):
+    """Something that applies a TaskFn to a stored task in a CAS (like ``update_task``)."""
+
+    async def update(
+        self, idc: str, sn: str, fn: TaskFn, *, current: KeyValue | None = None
+    ) -> StoredTask:
+        """Apply ``fn`` to the task of ``sn``; the result as written."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -466,15 +477,21 @@ class Store:
         percent: int,
         message: str,
         current: KeyValue | None = None,
+        via: TaskUpdater | None = None,
     ) -> StoredTask:
-        """One progress report (approved → installing on the first)."""
+        """One progress report (approved → installing on the first).
+
+        ``via`` writes it (e.g. batched, see :class:`lpmosd.taskwriter.TaskWriter`) instead
+        of :meth:`update_task`.
+        """
         now = self.clock()
-        return await self.update_task(
-            idc,
-            sn,
-            lambda t: lifecycle.record_progress(t, step, percent, message, now=now),
-            current=current,
-        )
+
+        def fn(t: Task) -> Task:
+            return lifecycle.record_progress(t, step, percent, message, now=now)
+
+        if via is not None:
+            return await via.update(idc, sn, fn, current=current)
+        return await self.update_task(idc, sn, fn, current=current)
 
     async def append_logs(
         self,

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from lpmosd import lifecycle, metrics, schema
+from lpmosd import metrics, schema
 from lpmosd.documents import ServerEntry, Task
 from lpmosd.errors import ContentionError, EtcdUnavailableError, InputError, NotFoundError
 from lpmosd.etcd import Compare, KeyValue, Op, RangeResult, get, put
@@ -81,8 +81,9 @@ class _Write:
 class TaskWriter:
     """Coalesces and batches task-document updates of many machines into few Txns.
 
-    Run :meth:`run` in a nursery; then call :meth:`update` (or :meth:`record_progress`)
-    from any task. Results are those of :meth:`Store.update_task`.
+    Run :meth:`run` in a nursery; then call :meth:`update` from any task (or pass the
+    writer as ``via`` to :meth:`Store.record_progress`). Results are those of
+    :meth:`Store.update_task`.
     """
 
     def __init__(
@@ -166,25 +167,6 @@ class TaskWriter:
             raise pending.error
         assert pending.result is not None
         return pending.result
-
-    async def record_progress(
-        self,
-        idc: str,
-        sn: str,
-        *,
-        step: str,
-        percent: int,
-        message: str,
-        current: KeyValue | None = None,
-    ) -> StoredTask:
-        """:meth:`Store.record_progress`, batched."""
-        now = self.store.clock()
-        return await self.update(
-            idc,
-            sn,
-            lambda t: lifecycle.record_progress(t, step, percent, message, now=now),
-            current=current,
-        )
 
     # --- the flusher ---------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable
 
 import pytest
 import trio
@@ -12,7 +13,7 @@ from lpmosd.api_requests import CreateTaskRequest
 from lpmosd.documents import TaskStatus
 from lpmosd.errors import ConflictError, NotFoundError
 from lpmosd.etcd import EtcdClient, KeyValue
-from lpmosd.store import Store
+from lpmosd.store import Store, StoredTask
 from lpmosd.taskwriter import TaskWriter
 
 IDC = "dc1"
@@ -37,14 +38,28 @@ async def _approved(store: Store, n: int) -> list[KeyValue]:
     return kvs
 
 
+def _progress(
+    writer: TaskWriter,
+    sn: str,
+    *,
+    step: str,
+    percent: int,
+    message: str,
+    current: KeyValue | None,
+) -> Awaitable[StoredTask]:
+    return writer.store.record_progress(
+        IDC, sn, step=step, percent=percent, message=message, current=current, via=writer
+    )
+
+
 async def test_batches_many_tasks_into_few_txns(client: EtcdClient) -> None:
     store = Store(client)
     kvs = await _approved(store, 40)
     writer = TaskWriter(store, max_inflight=1)
 
     async def report(i: int, kv: KeyValue) -> None:
-        await writer.record_progress(
-            IDC, f"sn-{i:03d}", step="partitioning", percent=50, message="", current=kv
+        await _progress(
+            writer, f"sn-{i:03d}", step="partitioning", percent=50, message="", current=kv
         )
 
     async with trio.open_nursery() as nursery:
@@ -71,9 +86,7 @@ async def test_coalesces_updates_of_one_task(client: EtcdClient) -> None:
     results = []
 
     async def report(step: str) -> None:
-        stored = await writer.record_progress(
-            IDC, "sn-000", step=step, percent=100, message="", current=kv
-        )
+        stored = await _progress(writer, "sn-000", step=step, percent=100, message="", current=kv)
         results.append(stored)
 
     async with trio.open_nursery() as nursery:
@@ -96,9 +109,7 @@ async def test_stale_cache_is_retried_not_lost(client: EtcdClient) -> None:
     writer = TaskWriter(store)
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
-        stored = await writer.record_progress(
-            IDC, "sn-000", step="mine", percent=20, message="", current=kv
-        )
+        stored = await _progress(writer, "sn-000", step="mine", percent=20, message="", current=kv)
         nursery.cancel_scope.cancel()
     assert {p.step for p in stored.task.progress} == {"other", "mine"}
     task = (await store.get_task(IDC, "sn-000")).task
@@ -115,15 +126,13 @@ async def test_refusal_is_decided_on_fresh_data(client: EtcdClient) -> None:
     writer = TaskWriter(store)
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
-        stored = await writer.record_progress(
-            IDC, "sn-000", step="s", percent=1, message="", current=pending_kv
+        stored = await _progress(
+            writer, "sn-000", step="s", percent=1, message="", current=pending_kv
         )
         assert stored.task.status is TaskStatus.INSTALLING
         await store.finish(IDC, "sn-000", outcome=TaskStatus.COMPLETED)
         with pytest.raises(ConflictError):
-            await writer.record_progress(
-                IDC, "sn-000", step="s", percent=2, message="", current=stored.kv
-            )
+            await _progress(writer, "sn-000", step="s", percent=2, message="", current=stored.kv)
         nursery.cancel_scope.cancel()
 
 
@@ -135,7 +144,7 @@ async def test_deleted_task_is_not_found(client: EtcdClient) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
         with pytest.raises(NotFoundError):
-            await writer.record_progress(IDC, "sn-000", step="s", percent=1, message="", current=kv)
+            await _progress(writer, "sn-000", step="s", percent=1, message="", current=kv)
         nursery.cancel_scope.cancel()
 
 
@@ -143,9 +152,7 @@ async def test_without_run_it_is_the_store(client: EtcdClient) -> None:
     store = Store(client)
     (kv,) = await _approved(store, 1)
     writer = TaskWriter(store)
-    stored = await writer.record_progress(
-        IDC, "sn-000", step="s", percent=5, message="", current=kv
-    )
+    stored = await _progress(writer, "sn-000", step="s", percent=5, message="", current=kv)
     assert stored.task.status is TaskStatus.INSTALLING
     assert writer.txns == 0
     assert writer.task_of(stored.kv or kv).status is TaskStatus.INSTALLING

@@ -452,13 +452,14 @@ def create_agent_app(rg: Regional) -> QuartTrio:
         sn = schema.validate_sn(sn)
         task_kv = await authorize(view, sn)
         req = ProgressRequest.from_obj(await read_json(max_body))
-        stored = await rg.writer.record_progress(
+        stored = await store.record_progress(
             idc,
             sn,
             step=req.step,
             percent=req.percent,
             message=req.message,
             current=task_kv,
+            via=rg.writer,
         )
         observed(view, stored)
         return json_response({"status": stored.task.status.value})
