@@ -14,7 +14,8 @@ import trio
 
 from lpmosd._trio_util import open_nursery
 from lpmosd.config import Config, EtcdConfig
-from lpmosd.etcd import Auth, EtcdClient, TLSFiles, ensure_loop, open_client
+from lpmosd.etcd import EtcdClient, ensure_loop, open_client
+from lpmosd.opsutil import etcd_credentials
 from lpmosd.roles.control_plane import ControlPlane
 from lpmosd.roles.regional import Regional
 from lpmosd.store import Store
@@ -35,17 +36,7 @@ class Daemon:
 @asynccontextmanager
 async def open_etcd(cfg: EtcdConfig) -> AsyncIterator[EtcdClient]:
     """An etcd client configured from the ``[etcd]`` section."""
-    tls = (
-        TLSFiles(
-            str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
-            str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
-            str(cfg.tls.key_file) if cfg.tls.key_file else None,
-        )
-        if cfg.tls
-        else None
-    )
-    password = cfg.read_password()
-    auth = Auth(cfg.auth.username, password) if cfg.auth and password is not None else None
+    tls, auth = etcd_credentials(cfg)
     async with open_client(
         list(cfg.endpoints),
         tls=tls,
