@@ -32,6 +32,7 @@ __all__ = [
     "MAX_META_STR",
     "MAX_PROGRESS_MESSAGE_CHARS",
     "MAX_PROGRESS_STEPS",
+    "MAX_SPEED_MBPS",
     "MAX_TEXT_CHARS",
     "Approval",
     "Disk",
@@ -63,6 +64,7 @@ MAX_ACTOR_CHARS: Final = 128
 MAX_HISTORY_REASON_CHARS: Final = 256
 MAX_META_STR: Final = 256
 MAX_META_ITEMS: Final = 256
+MAX_SPEED_MBPS: Final = 10_000_000
 _MAX_U63: Final = 2**63 - 1
 
 
@@ -432,7 +434,7 @@ class Nic(Document):
         return cls(
             name=f.get_str("name", max_len=MAX_META_STR, nonempty=True, ident=True),
             mac=f.rename("mac", normalize_mac),
-            speed_mbps=f.get_opt_int("speed_mbps", lo=0, hi=10_000_000),
+            speed_mbps=f.get_opt_int("speed_mbps", lo=0, hi=MAX_SPEED_MBPS),
         )
 
 

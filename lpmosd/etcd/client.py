@@ -185,6 +185,11 @@ class EtcdClient:
         return [e.url for e in self._transport.endpoints]
 
     @property
+    def uses_auth(self) -> bool:
+        """Whether requests carry an auth token (a user and password were given)."""
+        return self._auth is not None
+
+    @property
     def current_endpoint(self) -> str:
         """The endpoint requests go to now."""
         return self._transport.endpoint.url
