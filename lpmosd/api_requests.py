@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Final, Literal, Self
 
+from lpmosd.credentials import MAX_SECRET_CHARS
 from lpmosd.documents import (
     MAX_ACTOR_CHARS,
     MAX_FIELD_CHARS,
     MAX_LOG_LINE_CHARS,
     MAX_TEXT_CHARS,
+    MachineMeta,
 )
 from lpmosd.errors import ValidationError
 from lpmosd.fields import Fields, sanitize_text
@@ -29,6 +32,7 @@ __all__ = [
     "LogLevel",
     "LogRequest",
     "ProgressRequest",
+    "RegisterRequest",
     "parse_level",
     "parse_step",
 ]
@@ -193,3 +197,36 @@ class FailRequest:
         if not reason.strip():
             raise ValidationError("reason must not be blank", field="reason")
         return cls(reason=reason)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RegisterRequest:
+    """Body of an agent's register call; ``enrollment_secret`` None when it sent none."""
+
+    sn: str
+    mac: str
+    enrollment_secret: str | None
+    hardware: MachineMeta
+
+    @classmethod
+    def from_obj(cls, obj: object, *, now: datetime) -> Self:
+        """Parse strictly; the hardware's ``reported_at`` is ``now`` (see
+        :meth:`MachineMeta.from_report`) and its errors name ``hardware.<field>``."""
+        f = Fields(obj, "", required=(), optional=("sn", "mac", "hardware", "enrollment_secret"))
+        sn = validate_sn(f.raw("sn") if f.has("sn") else None)
+        mac = normalize_mac(f.raw("mac") if f.has("mac") else None)
+        secret = f.raw("enrollment_secret") if f.has("enrollment_secret") else None
+        if secret is not None and (not isinstance(secret, str) or len(secret) > MAX_SECRET_CHARS):
+            raise ValidationError(
+                f"enrollment_secret must be a string of at most {MAX_SECRET_CHARS} characters",
+                field="enrollment_secret",
+            )
+        if not f.has("hardware"):
+            raise ValidationError("hardware is required", field="hardware")
+        try:
+            meta = MachineMeta.from_report(f.raw("hardware"), now=now)
+        except ValidationError as exc:
+            # Name the field as the client spelled it: hardware.disks[0].size_bytes.
+            where = f"hardware.{exc.field}" if exc.field else "hardware"
+            raise ValidationError(f"{where}: {exc.message}", field=where) from None
+        return cls(sn=sn, mac=mac, enrollment_secret=secret, hardware=meta)

@@ -44,6 +44,7 @@ from lpmosd.timestamps import format_ts, norm_now
 
 __all__ = [
     "ACTIVE_AGENT",
+    "LIVE",
     "TERMINAL",
     "TRANSITIONS",
     "append_logs",
@@ -71,6 +72,8 @@ TRANSITIONS: Final[Mapping[TaskStatus, frozenset[TaskStatus]]] = {
 }
 #: Finished tasks: they may be deleted, or replaced by a new create.
 TERMINAL: Final[frozenset[TaskStatus]] = frozenset({_S.COMPLETED, _S.FAILED, _S.CANCELLED})
+#: Statuses in which a task accepts its agent's credentials (enrolment secret, agent token).
+LIVE: Final[frozenset[TaskStatus]] = frozenset(TaskStatus) - TERMINAL
 #: Statuses in which the agent's lease matters: losing it fails the task.
 ACTIVE_AGENT: Final[frozenset[TaskStatus]] = frozenset({_S.APPROVED, _S.INSTALLING})
 

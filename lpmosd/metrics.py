@@ -43,3 +43,9 @@ ACTIVE_LEASES = Gauge(
     "Leases this process keeps alive.",
     registry=REGISTRY,
 )
+AGENT_AUTH_FAILURES = Counter(
+    "lpmosd_agent_auth_failures_total",
+    "Refused agent API calls by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)

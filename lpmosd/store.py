@@ -16,7 +16,7 @@ from typing import Protocol
 
 from lpmosd import api_requests, documents, lifecycle, schema, timestamps
 from lpmosd.api_requests import CreateTaskRequest
-from lpmosd.credentials import Enrolment
+from lpmosd.credentials import AgentToken, Enrolment
 from lpmosd.documents import MachineMeta, ServerEntry, Task, TaskStatus
 from lpmosd.errors import ConflictError, InputError, NotFoundError, ValidationError
 from lpmosd.etcd import (
@@ -28,12 +28,10 @@ from lpmosd.etcd import (
     delete,
     put,
 )
-from lpmosd.lifecycle import ACTIVE_AGENT, TERMINAL
+from lpmosd.lifecycle import ACTIVE_AGENT, LIVE, TERMINAL
 
 log = logging.getLogger("lpmosd.store")
 
-#: Statuses in which a task accepts its agent's credentials (enrolment secret, agent token).
-LIVE: frozenset[TaskStatus] = frozenset(TaskStatus) - TERMINAL
 
 HARDWARE_STEP = "hardware_collect"
 
@@ -144,6 +142,14 @@ class Store:
         """The lease id of the live agent of ``sn``, or None when it is offline."""
         kv = await self.client.get(schema.lease_key(idc, sn))
         return parse_lease_value(kv.value) if kv else None
+
+    async def get_enrolment_kv(self, idc: str, sn: str) -> KeyValue | None:
+        """The stored enrolment record of ``sn`` (see :class:`~lpmosd.credentials.Enrolment`)."""
+        return await self.client.get(schema.enrolment_key(idc, sn))
+
+    async def get_agent_token_kv(self, idc: str, sn: str) -> KeyValue | None:
+        """The stored agent token of ``sn`` (see :class:`~lpmosd.credentials.AgentToken`)."""
+        return await self.client.get(schema.agent_token_key(idc, sn))
 
     async def list_tasks(
         self, *, idc: str | None = None, status: TaskStatus | None = None
@@ -436,15 +442,26 @@ class Store:
         meta: MachineMeta,
         lease_id: int,
         current: KeyValue | None = None,
-        credentials: Sequence[Op] = (),
-        guards: Sequence[Compare] = (),
+        token: AgentToken | None = None,
+        used_enrolment: tuple[Enrolment, int] | None = None,
     ) -> StoredTask:
         """Record the agent's hardware and bind its lease key, with the task, in one Txn.
 
-        ``credentials`` (the agent token and the used enrolment) go in the same Txn,
-        ``guards`` (the enrolment unchanged since it was checked) guard it.
+        The agent's new ``token`` is stored in the same Txn, and so is ``used_enrolment``
+        (the enrolment marked used, with the mod_revision it was checked at), guarded on
+        the enrolment being unchanged since: of two registrations racing with one secret,
+        only one commits.
         """
         now = self.clock()
+        credentials: list[Op] = []
+        guards: list[Compare] = []
+        if token is not None:
+            credentials.append(put(schema.agent_token_key(idc, sn), token.to_json()))
+        if used_enrolment is not None:
+            enrolment, checked_at = used_enrolment
+            enrolment_key = schema.enrolment_key(idc, sn)
+            credentials.append(put(enrolment_key, enrolment.to_json()))
+            guards.append(Compare.mod_revision(enrolment_key, "==", checked_at))
 
         def fn(t: Task) -> Task:
             if t.mac != mac:

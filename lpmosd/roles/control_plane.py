@@ -1,4 +1,5 @@
-"""The control-plane role: operators' REST API and dashboard, plus the lease reaper.
+"""The control-plane role: the state behind the operators' REST API and dashboard, and the
+lease reaper.
 
 It keeps one view of ``/os/`` (relist + watch). The reaper listens to it: when an agent's
 lease key vanishes while its task is approved or installing, the task is failed ("agent
@@ -14,7 +15,6 @@ import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 
 import trio
 
@@ -29,7 +29,6 @@ from lpmosd.roles.session import SessionState, run_session, session_value
 from lpmosd.store import Store, StoredTask
 from lpmosd.tokens import TokenStore
 from lpmosd.view import Change, PrefixView
-from lpmosd.web.server import serve_app
 
 log = logging.getLogger("lpmosd.control_plane")
 
@@ -60,35 +59,19 @@ class ControlPlane:
     #: Called with each session's view once it has synced (the dashboard's hub follows it).
     view_hooks: list[Callable[[PrefixView], None]] = field(default_factory=list)
 
-    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve the API and keep the session (view + reaper) alive until cancelled."""
-        from lpmosd.web.control_app import create_control_app
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the session (view, token cache, reaper) alive until cancelled.
 
-        app = create_control_app(self)
-        async with open_nursery() as nursery:
-            await nursery.start(
-                partial(
-                    run_session,
-                    self.client,
-                    self.session,
-                    key=SESSION_PREFIX + session_value_host(),
-                    ttl=SESSION_TTL,
-                    body=self._session_body,
-                    value=session_value("control-plane"),
-                )
-            )
-            url = await nursery.start(
-                partial(
-                    serve_app,
-                    app,
-                    host=self.config.listen,
-                    port=self.config.port,
-                    certfile=self.config.tls_cert_file,
-                    keyfile=self.config.tls_key_file,
-                )
-            )
-            log.info("control plane listening", extra={"url": url})
-            task_status.started(url)
+        The daemon serves the API over this role."""
+        await run_session(
+            self.client,
+            self.session,
+            key=SESSION_PREFIX + session_value_host(),
+            ttl=SESSION_TTL,
+            body=self._session_body,
+            value=session_value("control-plane"),
+            task_status=task_status,
+        )
 
     async def _session_body(
         self, lease: HeldLease, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -1,10 +1,11 @@
 """The regional-client role: one per IDC, on the PXE host.
 
 It watches only its own IDC (``/os/{idc}/servers/`` and ``/os/{idc}/machines/``), keeps a
-local view of them, serves the agent API and keeps one lease per live agent: the agent's
-heartbeats refresh it over the client's single shared LeaseKeepAlive stream. Lease ids live
-in the lease keys themselves, so a restarted regional re-attaches to live leases and a
-quick restart fails no install.
+local view of them for its agent service (:class:`lpmosd.agent_service.AgentService`, which
+the agent API serves) and keeps one lease per live agent: the agent's heartbeats refresh it
+over the client's single shared LeaseKeepAlive stream. Lease ids live in the lease keys
+themselves, so a restarted regional re-attaches to live leases and a quick restart fails no
+install. The daemon serves the agent API and tells :meth:`Regional.run` its URL.
 """
 
 from __future__ import annotations
@@ -17,16 +18,13 @@ import trio
 
 from lpmosd import schema
 from lpmosd._trio_util import open_nursery
+from lpmosd.agent_service import AgentService
 from lpmosd.config import RegionalConfig
-from lpmosd.credentials import AgentToken
 from lpmosd.documents import Task
-from lpmosd.errors import EtcdError, ValidationError
 from lpmosd.etcd import EtcdClient, HeldLease
 from lpmosd.roles.session import SessionState, run_session, session_value
-from lpmosd.store import Store, parse_lease_value
-from lpmosd.taskwriter import TaskWriter
+from lpmosd.store import Store
 from lpmosd.view import Change, PrefixView
-from lpmosd.web.server import serve_app
 
 log = logging.getLogger("lpmosd.regional")
 
@@ -46,17 +44,17 @@ class Regional:
     session: SessionState = field(default_factory=lambda: SessionState("regional"))
     servers: PrefixView | None = None
     machines: PrefixView | None = None
-    #: sn -> trio clock time of the agent's last heartbeat (this process's knowledge).
-    heartbeats: dict[str, float] = field(default_factory=dict)
-    #: Agent token hash -> sn, from the view: tells "another server's token" (403) from an
-    #: unknown one (401).
-    agent_tokens: dict[str, str] = field(default_factory=dict)
     url: str = ""
-    #: Batched, coalesced writes of agents' progress reports (see lpmosd.taskwriter).
-    writer: TaskWriter = field(init=False)
+    #: What the agent API does, over this role's view of the IDC's machines.
+    agents: AgentService = field(init=False)
 
     def __post_init__(self) -> None:
-        self.writer = TaskWriter(self.store)
+        self.agents = AgentService(
+            self.config, self.client, self.store, machines=self._live_machines
+        )
+
+    def _live_machines(self) -> PrefixView | None:
+        return self.machines if self.session.running else None
 
     @property
     def idc(self) -> str:
@@ -71,31 +69,14 @@ class Regional:
             return None
         return Task.from_json(kv.value), kv.mod_revision
 
-    def lease_id(self, sn: str) -> int | None:
-        """The live agent lease of ``sn`` according to the view."""
-        view = self.machines
-        kv = view.get(schema.lease_key(self.idc, sn)) if view else None
-        if kv is None:
-            return None
-        return kv.lease or parse_lease_value(kv.value)
-
-    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve the agent API and keep the session alive until cancelled."""
-        from lpmosd.web.agent_app import create_agent_app
-
-        app = create_agent_app(self)
+    async def run(
+        self, *, url: str = "", task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep the session (views, agent service) alive until cancelled; ``url`` is where
+        the agent API is served, advertised in the session key."""
+        self.url = url
         async with open_nursery() as nursery:
-            await nursery.start(self.writer.run)
-            self.url = await nursery.start(
-                partial(
-                    serve_app,
-                    app,
-                    host=self.config.listen,
-                    port=self.config.port,
-                    certfile=self.config.tls_cert_file,
-                    keyfile=self.config.tls_key_file,
-                )
-            )
+            await nursery.start(self.agents.writer.run)
             await nursery.start(
                 partial(
                     run_session,
@@ -108,7 +89,7 @@ class Regional:
                 )
             )
             log.info("regional listening", extra={"idc": self.idc, "url": self.url})
-            task_status.started(self.url)
+            task_status.started()
 
     async def _session_body(
         self, lease: HeldLease, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -116,8 +97,8 @@ class Regional:
         servers = PrefixView(self.client, schema.servers_prefix(self.idc))
         machines = PrefixView(self.client, schema.machines_prefix(self.idc))
         servers.listeners.append(self._on_server)
-        machines.listeners.append(self._on_machine_key)
-        self.agent_tokens.clear()
+        machines.listeners.append(self.agents.on_machine_key)
+        self.agents.agent_tokens.clear()
         try:
             async with open_nursery() as nursery:
                 await nursery.start(servers.run)
@@ -138,28 +119,3 @@ class Regional:
             parsed = schema.parse_key(change.key)
             if parsed is not None:
                 log.info("New server: %s", parsed.sn, extra={"idc": self.idc, "sn": parsed.sn})
-
-    def _on_machine_key(self, change: Change) -> None:
-        parsed = schema.parse_key(change.key)
-        if parsed is None or parsed.kind != "agent_token":
-            return
-        for kv, add in ((change.prev, False), (change.kv, True)):
-            if kv is None:
-                continue
-            try:
-                digest = AgentToken.from_json(kv.value).token_hash
-            except ValidationError:
-                continue
-            if add:
-                self.agent_tokens[digest] = parsed.sn
-            elif self.agent_tokens.get(digest) == parsed.sn:
-                del self.agent_tokens[digest]
-
-    async def revoke_quietly(self, lease_id: int | None) -> None:
-        """Revoke an agent lease; failures only cost a TTL of waiting."""
-        if not lease_id:
-            return
-        try:
-            await self.client.lease_revoke(lease_id)
-        except EtcdError as exc:
-            log.warning("lease revoke failed", extra={"lease": lease_id, "error": str(exc)})

@@ -76,7 +76,7 @@ def _server_rows(rg: Regional, now: float) -> list[dict[str, Any]]:
                 row["error"] = task.error or ""
         lease_kv = machines.get(schema.lease_key(rg.idc, sn))
         row["agent"] = lease_kv is not None
-        row["heartbeat"] = _age(rg.heartbeats.get(sn), now) if lease_kv is not None else ""
+        row["heartbeat"] = _age(rg.agents.heartbeats.get(sn), now) if lease_kv is not None else ""
         rows.append(row)
     return rows
 
@@ -95,7 +95,7 @@ def _agent_rows(rg: Regional, now: float) -> list[dict[str, Any]]:
                 "sn": parsed.sn,
                 "lease": kv.lease or parse_lease_value(kv.value) or 0,
                 # Only heartbeats this process received: after a restart, "—" until the next.
-                "heartbeat": _age(rg.heartbeats.get(parsed.sn), now),
+                "heartbeat": _age(rg.agents.heartbeats.get(parsed.sn), now),
             }
         )
     return rows
