@@ -478,6 +478,24 @@ class ErrorLogs(logging.Handler):
         self.records.append(record)
 
 
+def operation_sent(spec: dict[str, Any], req: Request) -> tuple[str, str] | None:
+    """The operation ``req`` reaches. A "." or ".." path segment (a name drawn from NASTY)
+    is resolved by the client before sending (RFC 3986 5.2.4, as browsers and curl do):
+    ``GET /api/v1/tasks/./.`` *is* ``GET /api/v1/tasks``, and is answered as such."""
+    if req.operation is None:
+        return None
+    segments = req.path.partition("?")[0].split("/")
+    if not any(seg in (".", "..") for seg in segments):
+        return req.operation
+    sent = httpx.URL("http://fuzz" + req.path).path
+    method = req.operation[1]
+    for template, item in spec["paths"].items():
+        parts = re.split(r"\{[^}]+\}", template)
+        if re.fullmatch("[^/]+".join(map(re.escape, parts)), sent) and method in item:
+            return template, method
+    return None
+
+
 def check_answer(spec: dict[str, Any], req: Request, r: httpx.Response) -> str | None:
     """What is wrong with the answer to ``req`` (None: nothing)."""
     if r.status_code >= 500:
@@ -490,9 +508,10 @@ def check_answer(spec: dict[str, Any], req: Request, r: httpx.Response) -> str |
         return f"{r.status_code} non-JSON: {r.text[:200]!r}"
     if r.status_code >= 400 and not (isinstance(body, dict) and isinstance(body.get("error"), str)):
         return f"{r.status_code} is not an error document: {body!r:.200}"
-    if req.operation is None:
+    operation = operation_sent(spec, req)
+    if operation is None:
         return None
-    template, method = req.operation
+    template, method = operation
     responses = spec["paths"][template][method]["responses"]
     documented = responses.get(str(r.status_code))
     if documented is None:
