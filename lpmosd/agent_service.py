@@ -110,9 +110,9 @@ class AgentCall:
 class AgentService:
     """The agent operations of one regional (one IDC).
 
-    ``machines`` gives the regional's view of ``/os/{idc}/machines/`` while its session
-    holds (None otherwise: every call then raises UnavailableError, 503). Feed the view's
-    changes to :meth:`on_machine_key`; run :attr:`writer` while serving.
+    ``machines`` gives the regional's view of ``/os/{idc}/machines/`` while it may serve
+    agents, and raises UnavailableError (503) otherwise (session down, standby). Feed the
+    view's changes to :meth:`on_machine_key`; run :attr:`writer` while serving.
     """
 
     def __init__(
@@ -121,7 +121,7 @@ class AgentService:
         client: EtcdClient,
         store: Store,
         *,
-        machines: Callable[[], PrefixView | None],
+        machines: Callable[[], PrefixView],
     ) -> None:
         self.config = config
         self.idc = config.idc
@@ -141,11 +141,8 @@ class AgentService:
     # --- the regional's view ---------------------------------------------------------------
 
     def machines(self) -> PrefixView:
-        """The view of the IDC's machines; UnavailableError while the session is down."""
-        view = self._machines()
-        if view is None:
-            raise UnavailableError("regional is restarting its etcd session; retry shortly")
-        return view
+        """The view of the IDC's machines; UnavailableError while agents cannot be served."""
+        return self._machines()
 
     def on_machine_key(self, change: Change) -> None:
         """Keep :attr:`agent_tokens` in step with the view's agent-token keys."""
@@ -166,8 +163,11 @@ class AgentService:
 
     def lease_id(self, sn: str) -> int | None:
         """The live agent lease of ``sn`` according to the view."""
-        view = self._machines()
-        kv = view.get(schema.lease_key(self.idc, sn)) if view else None
+        try:
+            view = self._machines()
+        except UnavailableError:
+            return None
+        kv = view.get(schema.lease_key(self.idc, sn))
         if kv is None:
             return None
         return kv.lease or parse_lease_value(kv.value)

@@ -65,11 +65,14 @@ async def world(client: EtcdClient) -> AsyncIterator[World]:
     store = Store(client)
     view = PrefixView(client, schema.machines_prefix(IDC))
     holder: list[World] = []
+
+    def machines() -> PrefixView:
+        if not holder[0].up:
+            raise UnavailableError("session down")
+        return view
+
     agents = AgentService(
-        RegionalConfig(idc=IDC, heartbeat_interval=10),
-        client,
-        store,
-        machines=lambda: view if holder[0].up else None,
+        RegionalConfig(idc=IDC, heartbeat_interval=10), client, store, machines=machines
     )
     view.listeners.append(agents.on_machine_key)
     holder.append(World(store, view, agents))

@@ -69,7 +69,8 @@ class AgentOptions:
     ``facts`` skips hardware collection (tests); ``transport`` replaces the network (tests).
     """
 
-    regional_url: str
+    #: One URL or several (an IDC's active and standby regionals).
+    regional_url: str | tuple[str, ...]
     sn: str
     mac: str | None = None
     enrollment_secret: str | None = field(default=None, repr=False)

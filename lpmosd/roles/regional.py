@@ -1,5 +1,10 @@
 """The regional-client role: one per IDC, on the PXE host.
 
+Several regionals may serve one IDC (a second PXE host): they stand for election on
+their session leases, one is active, the others are standby (their agent API answers 503,
+so agents move to the active one) and take over when the active one's lease goes. Every
+write is fenced on the active one's election key.
+
 It watches only its own IDC (``/os/{idc}/servers/`` and ``/os/{idc}/machines/``), keeps a
 local view of them for its agent service (:class:`lpmosd.agent_service.AgentService`, which
 the agent API serves) and keeps one lease per live agent: the agent's heartbeats refresh it
@@ -21,17 +26,13 @@ from lpmosd._trio_util import open_nursery
 from lpmosd.agent_service import AgentService
 from lpmosd.config import RegionalConfig
 from lpmosd.documents import Task
-from lpmosd.etcd import EtcdClient, HeldLease
+from lpmosd.errors import UnavailableError
+from lpmosd.etcd import EtcdClient, Fence, HeldLease
 from lpmosd.roles.session import SessionState, run_session, session_value
 from lpmosd.store import Store
 from lpmosd.view import Change, PrefixView
 
 log = logging.getLogger("lpmosd.regional")
-
-
-def session_key(idc: str) -> str:
-    """The regional's own registration key, bound to its session lease."""
-    return schema.idc_prefix(idc) + "regional"
 
 
 @dataclass(eq=False)
@@ -45,16 +46,28 @@ class Regional:
     servers: PrefixView | None = None
     machines: PrefixView | None = None
     url: str = ""
+    #: The leadership term every write of this regional is guarded on: a second PXE host
+    #: of the IDC runs as a standby, and one that lost its lease while paused writes nothing.
+    fence: Fence = field(init=False)
     #: What the agent API does, over this role's view of the IDC's machines.
     agents: AgentService = field(init=False)
 
     def __post_init__(self) -> None:
-        self.agents = AgentService(
-            self.config, self.client, self.store, machines=self._live_machines
-        )
+        self.fence = Fence(f"regional {self.config.idc}")
+        self.store = self.store.fenced(self.fence)
+        self.agents = AgentService(self.config, self.client, self.store, machines=self._serving)
 
-    def _live_machines(self) -> PrefixView | None:
-        return self.machines if self.session.running else None
+    def _serving(self) -> PrefixView:
+        """The view the agent service works on; UnavailableError (503) while there is none
+        or this regional is a standby."""
+        view = self.machines
+        if not self.session.running or view is None:
+            raise UnavailableError("regional is restarting its etcd session; retry shortly")
+        if not self.session.active:
+            raise UnavailableError(
+                f"this regional is a standby for {self.idc}; use the active one (retry shortly)"
+            )
+        return view
 
     @property
     def idc(self) -> str:
@@ -82,7 +95,8 @@ class Regional:
                     run_session,
                     self.client,
                     self.session,
-                    key=session_key(self.idc),
+                    election=schema.regional_election_prefix(self.idc),
+                    fence=self.fence,
                     ttl=self.config.session_ttl,
                     body=self._session_body,
                     value=session_value("regional", {"idc": self.idc, "url": self.url}),

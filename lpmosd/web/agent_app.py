@@ -76,10 +76,18 @@ def create_agent_app(rg: Regional) -> QuartTrio:
     max_body = cfg.max_body_bytes
 
     async def readiness() -> tuple[bool, dict[str, Any]]:
-        ok = rg.session.running and rg.machines is not None
+        # A standby is not ready: a load balancer in front of two regionals sends agents
+        # to the active one.
+        ok = rg.session.active and rg.machines is not None
         # Ask etcd itself (cached ~1 s): the session notices an outage only after its TTL.
         etcd_ok, etcd = await etcd_probe(rg.client).check()
-        detail = {"role": "regional", "idc": cfg.idc, "session": rg.session.state, "etcd": etcd}
+        detail = {
+            "role": "regional",
+            "idc": cfg.idc,
+            "session": rg.session.state,
+            "leadership": rg.session.leadership,
+            "etcd": etcd,
+        }
         return ok and etcd_ok, detail
 
     install_common(

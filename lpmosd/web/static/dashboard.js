@@ -16,7 +16,7 @@
     return;
   }
 
-  // Which actions each status allows (lpmosd.models' state machine; the server decides).
+  // Which actions each status allows (lpmosd.lifecycle's state machine; the server decides).
   var ALLOWED = {
     pending: ["approve", "cancel", "enrolment"],
     approved: ["cancel", "enrolment"],
