@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import sys
 from pathlib import Path
 
-from lpmosd import schema
+from lpmosd import hooks, schema
 from lpmosd.errors import ValidationError
 from lpmosd.etcd import EtcdClient
 from lpmosd.migrate import v2
 from lpmosd.migrate.apply import (
     DEFAULT_CONCURRENCY,
     ApplyReport,
-    Hook,
     Outcome,
     ServerResult,
     apply,
@@ -319,34 +316,16 @@ def _summary(report: ApplyReport) -> str:
     return f"{report.idc}: {', '.join(parts)} in {report.elapsed:.2f}s; {tail}"
 
 
-#: Fault injection for the kill tests: ``<point>#<n>`` stops this process (SIGSTOP) at the
-#: n-th hook point starting with ``<point>`` (``scanned``, ``before-txn``, ``after-txn``,
-#: ... see :data:`lpmosd.migrate.apply.Hook`), so a test can SIGKILL it exactly there.
-STOP_AT_ENV = "LPMOSD_MIGRATE_STOP_AT"
-
-
-def _stop_at_hook(spec: str | None) -> Hook | None:
-    if not spec:
-        return None
-    point, _, nth = spec.rpartition("#")
-    if not point or not nth.isdigit() or int(nth) < 1:
-        raise ValidationError(f"{STOP_AT_ENV} must be <point>#<n>, got {spec!r}")
-    seen = 0
-
-    async def hook(at: str) -> None:
-        nonlocal seen
-        if at.startswith(point):
-            seen += 1
-            if seen == int(nth):
-                sys.stdout.flush()
-                os.kill(os.getpid(), signal.SIGSTOP)
-
-    return hook
+async def _fault_points(point: str) -> None:
+    # apply's hook points ("after-txn:sn-001") as named fault points (lpmosd.hooks):
+    # "migrate.after-txn", so a test can stop or kill this process at the n-th one.
+    if point.startswith(("before-txn:", "after-txn:")):
+        sys.stdout.flush()  # what the run reported so far reaches the test
+    await hooks.reach("migrate." + point.partition(":")[0])
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     cfg = etcd_config_from_args(args)
-    hook = _stop_at_hook(os.environ.get(STOP_AT_ENV))
 
     async def main() -> int:
         ok = True
@@ -371,7 +350,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                         client,
                         idc,
                         concurrency=args.concurrency,
-                        hook=hook,
+                        hook=_fault_points,
                         on_plan=on_plan,
                         on_result=on_result,
                     )

@@ -1,10 +1,11 @@
 """``lpmosd migrate apply`` as a real process, SIGKILLed at different moments and re-run.
 
-Each run stops itself at a named point of the migration loop (``LPMOSD_MIGRATE_STOP_AT``:
-the n-th ``scanned``, ``before-txn`` or ``after-txn`` hook, SIGSTOP) and the test SIGKILLs
-it there: never "after a while", which a fast machine outruns. Txns of other workers in
-flight at that moment may land or not. After each kill every server must be wholly v2 or
-wholly v3; the final run finishes the job; verify passes and the key counts are exact.
+Each run stops itself at a named point of the migration loop (``LPMOSD_FAULT_AT``, see
+:mod:`lpmosd.hooks`: the n-th ``migrate.scanned``, ``migrate.before-txn`` or
+``migrate.after-txn``, SIGSTOP) and the test SIGKILLs it there: never "after a while",
+which a fast machine outruns. Txns of other workers in flight at that moment may land or
+not. After each kill every server must be wholly v2 or wholly v3; the final run finishes
+the job; verify passes and the key counts are exact.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from typing import TypeVar
 import pytest
 import trio
 
+from lpmosd import hooks
 from lpmosd.etcd import EtcdClient, open_client
 from lpmosd.etcd_process import EtcdProcess
-from lpmosd.migrate.cli import STOP_AT_ENV
 
 from .helpers import FLEET, assert_all_or_nothing, assert_content, counts, load_fleet, migrated
 
@@ -44,7 +45,7 @@ def with_client(etcd: EtcdProcess, fn: Callable[[EtcdClient], Awaitable[T]]) -> 
 def lpmosd(etcd: EtcdProcess, *args: str, stop_at: str | None = None) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if stop_at is not None:
-        env[STOP_AT_ENV] = stop_at
+        env[hooks.ENV] = f"migrate.{stop_at}:stop"
     return subprocess.Popen(
         [sys.executable, "-m", "lpmosd", *args, "--etcd-endpoints", etcd.endpoint],
         stdout=subprocess.PIPE,
