@@ -396,8 +396,11 @@ class AgentService:
         self.heartbeats[sn] = trio.current_time()
         return task.status, ttl
 
-    async def progress(self, call: AgentCall, req: ProgressRequest) -> Task:
-        """Record a progress report (batched with other agents' reports)."""
+    async def progress(
+        self, call: AgentCall, req: ProgressRequest, *, op_id: str | None = None
+    ) -> Task:
+        """Record a progress report (batched with other agents' reports); ``op_id`` names
+        the request, so a repeat after a lost answer is not applied twice."""
         stored = await self.store.record_progress(
             self.idc,
             call.sn,
@@ -405,29 +408,32 @@ class AgentService:
             percent=req.percent,
             message=req.message,
             current=call.task_kv,
+            op_id=op_id,
             via=self.writer,
         )
         return self._observed(call.view, stored)
 
-    async def logs(self, call: AgentCall, req: LogRequest) -> Task:
-        """Append the agent's log lines to its task."""
+    async def logs(self, call: AgentCall, req: LogRequest, *, op_id: str | None = None) -> Task:
+        """Append the agent's log lines to its task (once per ``op_id``)."""
         stored = await self.store.append_logs(
-            self.idc, call.sn, req.lines, level=req.level, current=call.task_kv
+            self.idc, call.sn, req.lines, level=req.level, current=call.task_kv, op_id=op_id
         )
         return self._observed(call.view, stored)
 
-    async def complete(self, call: AgentCall) -> Task:
+    async def complete(self, call: AgentCall, *, op_id: str | None = None) -> Task:
         """The install succeeded: the task completes and the agent's lease goes."""
-        return await self._finish(call, TaskStatus.COMPLETED, "")
+        return await self._finish(call, TaskStatus.COMPLETED, "", op_id)
 
-    async def fail(self, call: AgentCall, req: FailRequest) -> Task:
+    async def fail(self, call: AgentCall, req: FailRequest, *, op_id: str | None = None) -> Task:
         """The install failed: the task fails with the agent's reason; its lease goes."""
-        return await self._finish(call, TaskStatus.FAILED, req.reason)
+        return await self._finish(call, TaskStatus.FAILED, req.reason, op_id)
 
-    async def _finish(self, call: AgentCall, outcome: TaskStatus, reason: str) -> Task:
+    async def _finish(
+        self, call: AgentCall, outcome: TaskStatus, reason: str, op_id: str | None
+    ) -> Task:
         lease_id = await self._live_lease_id(call.sn)
         stored = await self.store.finish(
-            self.idc, call.sn, outcome=outcome, reason=reason, current=call.task_kv
+            self.idc, call.sn, outcome=outcome, reason=reason, current=call.task_kv, op_id=op_id
         )
         task = self._observed(call.view, stored)
         await self.revoke_quietly(lease_id)

@@ -79,7 +79,13 @@ def _add_common(p: argparse.ArgumentParser, *, config: bool = True) -> None:
 
 #: Modules whose ``register(subparsers)`` adds the operator commands; they need the server
 #: stack (the ``server`` extra), the agent does not.
-SERVER_COMMANDS: Final = ("lpmosd.migrate", "lpmosd.inspect", "lpmosd.bench", "lpmosd.token_cli")
+SERVER_COMMANDS: Final = (
+    "lpmosd.migrate",
+    "lpmosd.inspect",
+    "lpmosd.bench",
+    "lpmosd.token_cli",
+    "lpmosd.etcd_cli",
+)
 
 
 def _ours(exc: ModuleNotFoundError) -> bool:

@@ -9,13 +9,14 @@ The worst case stays under 256 KiB (a test checks it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Final, Self
 
 from lpmosd.errors import ValidationError
-from lpmosd.fields import SURROGATE_RE, Document, Fields, json_len
+from lpmosd.fields import SURROGATE_RE, Document, Fields, dump_json, json_len
 from lpmosd.schema import normalize_mac, validate_idc, validate_sn
 from lpmosd.timestamps import format_ts, norm_now
 
@@ -33,6 +34,7 @@ __all__ = [
     "MAX_PROGRESS_MESSAGE_CHARS",
     "MAX_PROGRESS_STEPS",
     "MAX_SPEED_MBPS",
+    "MAX_TASK_OPS",
     "MAX_TEXT_CHARS",
     "Approval",
     "Disk",
@@ -44,6 +46,7 @@ __all__ = [
     "StatusChange",
     "Task",
     "TaskStatus",
+    "valid_op_id",
 ]
 
 # --------------------------------------------------------------------------- limits
@@ -215,7 +218,10 @@ _TASK_REQUIRED: Final = (
     "created_by",
 )
 # Ours, not the guide's; optional on input so guide-shaped documents parse.
-_TASK_EXTRAS: Final = ("idc", "logs_dropped", "resume_from", "error")
+_TASK_EXTRAS: Final = ("idc", "logs_dropped", "resume_from", "error", "ops")
+#: Operation ids a task document remembers (see :attr:`Task.ops`).
+MAX_TASK_OPS: Final = 16
+_OP_ID_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,80}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -246,6 +252,22 @@ class Task(Document):
     resume_from: str | None = None
     #: The last failure reason.
     error: str | None = None
+    #: Ids of the latest writes applied to this document (oldest first, at most
+    #: MAX_TASK_OPS). A writer whose outcome was ambiguous looks for its id here rather
+    #: than comparing values, so a write is never applied twice. Stored, not shown by
+    #: the API (:meth:`to_dict`).
+    ops: tuple[str, ...] = ()
+
+    def with_op(self, op_id: str) -> Self:
+        """This task with ``op_id`` remembered as applied."""
+        return replace(self, ops=(*self.ops, op_id)[-MAX_TASK_OPS:])
+
+    def to_json(self) -> bytes:
+        """The stored document: the API's fields plus the operation ids."""
+        d = self.to_dict()
+        if self.ops:
+            d["ops"] = list(self.ops)
+        return dump_json(d)
 
     def to_dict(self) -> dict[str, Any]:
         """The guide's field order, then our extras."""
@@ -310,7 +332,22 @@ class Task(Document):
             created_by=f.get_str("created_by"),
             resume_from=f.get_opt_str("resume_from"),
             error=f.get_opt_str("error"),
+            ops=_parse_ops(f.get_list("ops", max_items=MAX_TASK_OPS) if f.has("ops") else []),
         )
+
+
+def _parse_ops(raw: list[object]) -> tuple[str, ...]:
+    ops: list[str] = []
+    for i, op in enumerate(raw):
+        if not isinstance(op, str) or not _OP_ID_RE.fullmatch(op):
+            raise ValidationError(f"ops[{i}] must be an operation id", field=f"ops[{i}]")
+        ops.append(op)
+    return tuple(ops)
+
+
+def valid_op_id(value: str) -> bool:
+    """Whether ``value`` can be an operation id (1-80 of letters, digits, ``_.:-``)."""
+    return _OP_ID_RE.fullmatch(value) is not None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

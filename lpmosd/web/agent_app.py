@@ -20,7 +20,8 @@ from quart_trio import QuartTrio
 
 from lpmosd.agent_service import AgentService, TaskEndedError
 from lpmosd.api_requests import FailRequest, LogRequest, ProgressRequest, RegisterRequest
-from lpmosd.documents import Task
+from lpmosd.documents import Task, valid_op_id
+from lpmosd.errors import ValidationError
 from lpmosd.metrics import REGISTRY
 from lpmosd.plan import plan_to_wire
 from lpmosd.timestamps import utcnow
@@ -66,6 +67,23 @@ def task_view(task: Task) -> dict[str, Any]:
 
 def _authorization() -> str | None:
     return request.headers.get("Authorization")
+
+
+#: The header that names one agent request, the same on each of its retries.
+OP_ID_HEADER = "Idempotency-Key"
+
+
+def _op_id() -> str | None:
+    """The request's operation id (``Idempotency-Key``), recorded in the task with its
+    change: a request repeated after a lost answer is recognised, not applied twice."""
+    value = request.headers.get(OP_ID_HEADER)
+    if value is None:
+        return None
+    if len(value) > 64 or not valid_op_id(value):
+        raise ValidationError(
+            f"{OP_ID_HEADER} must be 1-64 letters, digits or _.:-", field=OP_ID_HEADER
+        )
+    return f"agent:{value}"
 
 
 def create_agent_app(rg: Regional) -> QuartTrio:
@@ -174,24 +192,24 @@ def create_agent_app(rg: Regional) -> QuartTrio:
     async def progress(sn: str) -> Response:
         call = await agents.authorize(sn, _authorization())
         req = ProgressRequest.from_obj(await read_json(max_body))
-        return status(await agents.progress(call, req))
+        return status(await agents.progress(call, req, op_id=_op_id()))
 
     @app.post("/api/v1/agent/<sn>/logs")
     async def logs(sn: str) -> Response:
         call = await agents.authorize(sn, _authorization())
         req = LogRequest.from_obj(await read_json(max_body))
-        return status(await agents.logs(call, req))
+        return status(await agents.logs(call, req, op_id=_op_id()))
 
     @app.post("/api/v1/agent/<sn>/complete")
     async def complete(sn: str) -> Response:
         call = await agents.authorize(sn, _authorization())
         no_fields(await read_json(max_body, empty_ok=True))
-        return status(await agents.complete(call))
+        return status(await agents.complete(call, op_id=_op_id()))
 
     @app.post("/api/v1/agent/<sn>/fail")
     async def fail(sn: str) -> Response:
         call = await agents.authorize(sn, _authorization())
         req = FailRequest.from_obj(await read_json(max_body))
-        return status(await agents.fail(call, req))
+        return status(await agents.fail(call, req, op_id=_op_id()))
 
     return app
