@@ -19,7 +19,6 @@ import dataclasses
 import difflib
 import ipaddress
 import json
-import math
 import re
 import stat
 import tomllib
@@ -31,6 +30,7 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from lpmosd.errors import ConfigError
+from lpmosd.fields import bounded_number
 from lpmosd.plan import DEMO_PLAN, STEP_KEYS, Plan, PlanError, check_os_type, parse_steps
 from lpmosd.schema import NAME_RE
 
@@ -645,13 +645,10 @@ def _integer(value: object, path: str, lo: int, hi: int) -> int:
 
 
 def _number(value: object, path: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(path, "must be a number")
-    number = float(value)
-    if not math.isfinite(number) or number > hi or number < lo or (lo_open and number == lo):
-        expected = f"> {lo:g} and ≤ {hi:g}" if lo_open else f"{lo:g}..{hi:g}"
-        raise ConfigError(path, f"must be {expected}")
-    return number
+    try:
+        return bounded_number(value, lo, hi, lo_open=lo_open)
+    except ValueError as exc:
+        raise ConfigError(path, str(exc)) from None
 
 
 def _roles(value: object, path: str) -> frozenset[str]:

@@ -9,6 +9,7 @@ out-of-range values raise :class:`~lpmosd.errors.ValidationError` naming the ful
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
@@ -24,6 +25,7 @@ __all__ = [
     "SURROGATE_RE",
     "Document",
     "Fields",
+    "bounded_number",
     "dump_json",
     "json_len",
     "load_json",
@@ -46,6 +48,18 @@ def sanitize_text(text: str, max_chars: int) -> str:
     if len(text) > max_chars:
         text = text[: max_chars - 1] + "…"
     return text
+
+
+def bounded_number(value: object, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    """``value`` as a float in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``); else ValueError
+    saying the rule ("must be a number", "must be 1..86400", "must be > 0 and ≤ 60")."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a number")
+    number = float(value)
+    if not math.isfinite(number) or number > hi or number < lo or (lo_open and number == lo):
+        expected = f"> {lo:g} and ≤ {hi:g}" if lo_open else f"{lo:g}..{hi:g}"
+        raise ValueError(f"must be {expected}")
+    return number
 
 
 def json_len(text: str) -> int:

@@ -7,13 +7,13 @@ A plan comes from the regional's configuration (``[regional.plans."<os_type>"]``
 
 from __future__ import annotations
 
-import math
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 from lpmosd.errors import ConfigError
+from lpmosd.fields import bounded_number
 from lpmosd.schema import STEP_RE
 
 __all__ = [
@@ -182,13 +182,10 @@ def _parse_step(raw: Mapping[str, Any], path: str) -> PlanStep:
 
 
 def _number(value: object, path: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise PlanError(path, "must be a number")
-    number = float(value)
-    if not math.isfinite(number) or number > hi or number < lo or (lo_open and number == lo):
-        expected = f"> {lo:g} and ≤ {hi:g}" if lo_open else f"{lo:g}..{hi:g}"
-        raise PlanError(path, f"must be {expected}")
-    return number
+    try:
+        return bounded_number(value, lo, hi, lo_open=lo_open)
+    except ValueError as exc:
+        raise PlanError(path, str(exc)) from None
 
 
 def _command(value: object, path: str) -> tuple[str, ...]:
