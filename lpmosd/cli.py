@@ -85,6 +85,7 @@ SERVER_COMMANDS: Final = (
     "lpmosd.bench",
     "lpmosd.token_cli",
     "lpmosd.etcd_cli",
+    "lpmosd.boot.cli",
 )
 
 

@@ -218,7 +218,7 @@ _TASK_REQUIRED: Final = (
     "created_by",
 )
 # Ours, not the guide's; optional on input so guide-shaped documents parse.
-_TASK_EXTRAS: Final = ("idc", "logs_dropped", "resume_from", "error", "ops")
+_TASK_EXTRAS: Final = ("idc", "logs_dropped", "resume_from", "error", "ops", "netboot")
 #: Operation ids a task document remembers (see :attr:`Task.ops`).
 MAX_TASK_OPS: Final = 16
 _OP_ID_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,80}")
@@ -257,6 +257,9 @@ class Task(Document):
     #: than comparing values, so a write is never applied twice. Stored, not shown by
     #: the API (:meth:`to_dict`).
     ops: tuple[str, ...] = ()
+    #: Whether the machine PXE-boots the installer: true on create and retry; the Txn that
+    #: completes the task turns it off, so an installed machine boots its disk.
+    netboot: bool = True
 
     def with_op(self, op_id: str) -> Self:
         """This task with ``op_id`` remembered as applied."""
@@ -291,6 +294,7 @@ class Task(Document):
             "logs_dropped": self.logs_dropped,
             "resume_from": self.resume_from,
             "error": self.error,
+            "netboot": self.netboot,
         }
 
     @classmethod
@@ -306,6 +310,7 @@ class Task(Document):
                 raise ValidationError(f"logs[{i}] must be a string", field=f"logs[{i}]")
             logs.append(line)
         approval_raw = f.raw("approval")
+        status = f.get_choice("status", TaskStatus)
         return cls(
             task_id=f.get_str("task_id", nonempty=True, ident=True),
             idc=idc,
@@ -315,7 +320,7 @@ class Task(Document):
             os_version=f.get_str("os_version"),
             disk_layout=f.get_str("disk_layout"),
             network_config=f.get_str("network_config"),
-            status=f.get_choice("status", TaskStatus),
+            status=status,
             status_history=tuple(
                 StatusChange._parse(c, f"status_history[{i}]")
                 for i, c in enumerate(f.get_list("status_history"))
@@ -333,6 +338,8 @@ class Task(Document):
             resume_from=f.get_opt_str("resume_from"),
             error=f.get_opt_str("error"),
             ops=_parse_ops(f.get_list("ops", max_items=MAX_TASK_OPS) if f.has("ops") else []),
+            # Documents written before the flag existed: a completed task boots its disk.
+            netboot=f.get_bool("netboot", default=status is not TaskStatus.COMPLETED),
         )
 
 

@@ -217,6 +217,7 @@ def retry(task: Task, *, now: datetime, actor: str, reason: str = "") -> Task:
         reason=reason or "retry",
         resume_from=_first_unfinished(task.progress),
         error=None,
+        netboot=True,
     )
 
 
@@ -281,6 +282,7 @@ def complete(task: Task, *, now: datetime, actor: str = "agent") -> Task:
         reason="",
         log="Installation completed",
         resume_from=None,
+        netboot=False,
     )
 
 

@@ -67,6 +67,9 @@ class Plan:
 
     os_type: str
     steps: tuple[PlanStep, ...]
+    #: The OS image the plan installs, relative to ``[regional.boot] artifacts_dir``: the
+    #: regional offers the plan only while that file exists ("" = needs no image).
+    image: str = ""
 
     @property
     def step_names(self) -> tuple[str, ...]:

@@ -120,7 +120,7 @@ GUIDE_CURL_BODY = """{
     "os_version": "22.04"
   }"""
 
-EXTRAS = ("idc", "logs_dropped", "resume_from", "error")
+EXTRAS = ("idc", "logs_dropped", "resume_from", "error", "netboot")
 
 
 def at(seconds: int) -> datetime:

@@ -24,6 +24,7 @@ import trio
 from lpmosd import schema
 from lpmosd._trio_util import open_nursery
 from lpmosd.agent_service import AgentService
+from lpmosd.boot.service import BootService
 from lpmosd.config import RegionalConfig
 from lpmosd.documents import Task
 from lpmosd.errors import UnavailableError
@@ -51,11 +52,14 @@ class Regional:
     fence: Fence = field(init=False)
     #: What the agent API does, over this role's view of the IDC's machines.
     agents: AgentService = field(init=False)
+    #: The IDC's boot server (iPXE scripts, per-boot credentials, artifacts, OS types).
+    boot: BootService = field(init=False)
 
     def __post_init__(self) -> None:
         self.fence = Fence(f"regional {self.config.idc}")
         self.store = self.store.fenced(self.fence)
         self.agents = AgentService(self.config, self.client, self.store, machines=self._serving)
+        self.boot = BootService(self.config, self.store, lambda: self.machines)
 
     def _serving(self) -> PrefixView:
         """The view the agent service works on; UnavailableError (503) while there is none
@@ -99,6 +103,7 @@ class Regional:
                     fence=self.fence,
                     ttl=self.config.session_ttl,
                     body=self._session_body,
+                    leader_body=self._leader_body,
                     value=session_value("regional", {"idc": self.idc, "url": self.url}),
                 )
             )
@@ -112,7 +117,9 @@ class Regional:
         machines = PrefixView(self.client, schema.machines_prefix(self.idc))
         servers.listeners.append(self._on_server)
         machines.listeners.append(self.agents.on_machine_key)
+        machines.listeners.append(self.boot.on_machine_key)
         self.agents.agent_tokens.clear()
+        self.boot.reset()
         try:
             async with open_nursery() as nursery:
                 await nursery.start(servers.run)
@@ -127,6 +134,12 @@ class Regional:
                 await trio.sleep_forever()
         finally:
             self.servers = self.machines = None
+
+    async def _leader_body(
+        self, lease: HeldLease, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """What only the active regional does: publish the IDC's installable OS types."""
+        await self.boot.keep_os_types_published(self.url, task_status=task_status)
 
     def _on_server(self, change: Change) -> None:
         if change.kv is not None and change.prev is None and not change.relisted:

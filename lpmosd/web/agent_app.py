@@ -25,6 +25,7 @@ from lpmosd.errors import ValidationError
 from lpmosd.metrics import REGISTRY
 from lpmosd.plan import plan_to_wire
 from lpmosd.timestamps import utcnow
+from lpmosd.web.boot_app import install_boot_routes
 from lpmosd.web.common import (
     error_response,
     install_common,
@@ -112,6 +113,7 @@ def create_agent_app(rg: Regional) -> QuartTrio:
         app, name="regional", readiness=readiness, max_body=max_body, metrics=cfg.metrics_public
     )
     install_status_page(app, rg)
+    install_boot_routes(app, rg.boot)
 
     @app.errorhandler(TaskEndedError)
     async def _task_ended(exc: TaskEndedError) -> Response:

@@ -17,6 +17,7 @@ from quart_trio import QuartTrio
 
 from lpmosd import schema
 from lpmosd.api_requests import ApproveRequest, CreateTaskRequest
+from lpmosd.boot.ostypes import check_os_type
 from lpmosd.documents import MAX_TEXT_CHARS, TaskStatus
 from lpmosd.errors import ValidationError
 from lpmosd.fields import sanitize_text
@@ -127,6 +128,7 @@ def create_control_app(cp: ControlPlane) -> QuartTrio:
     @require_role(Role.OPERATOR)
     async def create_task() -> Response:
         req = CreateTaskRequest.from_obj(await read_json(max_body))
+        check_os_type(req.os_type, req.idc, await store.get_os_types(req.idc))
         task, secret = await store.create_enrolled_task(req, actor=_actor())
         # The secret is shown this once (it is stored hashed): for the boot parameters.
         return json_response({**task.to_dict(), "enrollment_secret": secret}, 201)

@@ -372,6 +372,9 @@
       err.querySelector("[data-field='error']").textContent = t.error || "";
       document.getElementById("updated-at").textContent = t.updated_at;
       document.getElementById("resume-from").textContent = t.resume_from || "—";
+      document.getElementById("netboot").textContent = t.netboot
+        ? "on: PXE boots the installer"
+        : "off: PXE boots the disk";
       document.getElementById("deleted").hidden = true;
       showActions(s.status);
       renderApproval(t.approval);
