@@ -113,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_bench(sub)
 
+    from lpmosd.image.cli import register as register_image
     from lpmosd.token_cli import register as register_token
+
+    register_image(sub)
 
     register_token(sub)
     return parser

@@ -154,12 +154,15 @@ class PlanStep:
     ``command`` is an argv (never a shell string); its arguments may contain
     :data:`PLAN_PLACEHOLDERS` as ``{name}``, filled in by :meth:`render`. A step with
     ``simulate`` set has no command: the agent sleeps that many seconds instead (demo plan).
+    A step with ``action`` set is one the agent carries out itself in Python (the built-in
+    ``debian-12`` plan; see :mod:`lpmosd.agent.actions`).
     """
 
     name: str
     command: tuple[str, ...] = ()
     timeout: float = _DEFAULT_STEP_TIMEOUT
     simulate: float | None = None
+    action: str | None = None
 
     def render(self, values: Mapping[str, str]) -> tuple[str, ...]:
         """Return ``command`` with ``{placeholder}`` fields replaced from ``values``.
@@ -175,6 +178,9 @@ class Plan:
 
     os_type: str
     steps: tuple[PlanStep, ...]
+    #: The OS image the plan installs, relative to ``[regional.boot] artifacts_dir``: the
+    #: regional offers the plan only while that file exists ("" = needs no image).
+    image: str = ""
 
     @property
     def step_names(self) -> tuple[str, ...]:
@@ -198,9 +204,28 @@ DEMO_PLAN: Final = Plan(
 )
 """The built-in plan for os_type ``"demo"``: every step is simulated; a config may override it."""
 
+DEBIAN_12_PLAN: Final = Plan(
+    os_type="debian-12",
+    image="images/debian-12.tar.zst",
+    steps=tuple(
+        PlanStep(name=name, action=name, timeout=timeout)
+        for name, timeout in (
+            ("partitioning", 300.0),
+            ("base_system", 1800.0),
+            ("bootloader", 900.0),
+            ("network", 120.0),
+            ("post_install", 300.0),
+        )
+    ),
+)
+"""The built-in plan for os_type ``"debian-12"``: the agent installs the ``debian-12`` image
+itself (``lpmosd image build debian-12``); a config may override it."""
+
 
 def _default_plans() -> Mapping[str, Plan]:
-    return types.MappingProxyType({DEMO_PLAN.os_type: DEMO_PLAN})
+    return types.MappingProxyType(
+        {DEMO_PLAN.os_type: DEMO_PLAN, DEBIAN_12_PLAN.os_type: DEBIAN_12_PLAN}
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -51,6 +51,7 @@ __all__ = [
     "Disk",
     "Dmi",
     "FailRequest",
+    "FirstBootRequest",
     "LogLevel",
     "LogRequest",
     "MachineMeta",
@@ -67,8 +68,10 @@ __all__ = [
     "check_transition",
     "complete",
     "fail",
+    "first_boot",
     "format_ts",
     "new_task",
+    "parse_ssh_keys",
     "parse_ts",
     "record_progress",
     "retry",
@@ -524,7 +527,40 @@ _TASK_REQUIRED: Final = (
     "created_by",
 )
 # Ours, not the guide's; optional on input so guide-shaped documents parse.
-_TASK_EXTRAS: Final = ("idc", "logs_dropped", "resume_from", "error")
+_TASK_EXTRAS: Final = (
+    "idc",
+    "logs_dropped",
+    "resume_from",
+    "error",
+    "ssh_authorized_keys",
+    "first_boot_at",
+)
+#: At most this many keys for root, each one line of at most this many characters.
+MAX_SSH_KEYS: Final = 32
+MAX_SSH_KEY_CHARS: Final = 8192
+_SSH_KEY_RE: Final = re.compile(
+    r"^(ssh-(rsa|ed25519|dss)|ecdsa-sha2-nistp(256|384|521)|sk-(ssh-ed25519|ecdsa-sha2-nistp256)"
+    r"@openssh\.com) [A-Za-z0-9+/]+=*( [^\r\n]*)?$"
+)
+
+
+def parse_ssh_keys(f: _Fields, key: str) -> tuple[str, ...]:
+    """``ssh_authorized_keys``: a list of OpenSSH public key lines (absent = none)."""
+    if not f.has(key) or f.raw(key) is None:
+        return ()
+    out: list[str] = []
+    for i, item in enumerate(f.get_list(key, max_items=MAX_SSH_KEYS)):
+        p = f"{f.path(key)}[{i}]"
+        if not isinstance(item, str):
+            raise ValidationError(f"{p} must be a string", field=p)
+        line = item.strip()
+        if len(line) > MAX_SSH_KEY_CHARS or not _SSH_KEY_RE.match(line):
+            raise ValidationError(
+                f"{p} must be one OpenSSH public key line ('ssh-ed25519 AAAA... comment')",
+                field=p,
+            )
+        out.append(line)
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -555,6 +591,10 @@ class Task(_Document):
     resume_from: str | None = None
     #: The last failure reason.
     error: str | None = None
+    #: Public keys for root on the installed system (built-in plans).
+    ssh_authorized_keys: tuple[str, ...] = ()
+    #: When the installed system reported its first boot ("deployed means booted").
+    first_boot_at: datetime | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The guide's field order, then our extras."""
@@ -578,6 +618,8 @@ class Task(_Document):
             "logs_dropped": self.logs_dropped,
             "resume_from": self.resume_from,
             "error": self.error,
+            "ssh_authorized_keys": list(self.ssh_authorized_keys),
+            "first_boot_at": None if self.first_boot_at is None else format_ts(self.first_boot_at),
         }
 
     @classmethod
@@ -593,6 +635,7 @@ class Task(_Document):
                 raise ValidationError(f"logs[{i}] must be a string", field=f"logs[{i}]")
             logs.append(line)
         approval_raw = f.raw("approval")
+        first_boot_raw = f.raw("first_boot_at") if f.has("first_boot_at") else None
         return cls(
             task_id=f.get_str("task_id", nonempty=True, ident=True),
             idc=idc,
@@ -619,6 +662,8 @@ class Task(_Document):
             created_by=f.get_str("created_by"),
             resume_from=f.get_opt_str("resume_from"),
             error=f.get_opt_str("error"),
+            ssh_authorized_keys=parse_ssh_keys(f, "ssh_authorized_keys"),
+            first_boot_at=None if first_boot_raw is None else f.get_ts("first_boot_at"),
         )
 
 
@@ -870,6 +915,7 @@ class CreateTaskRequest:
     os_version: str = ""
     disk_layout: str = "auto"
     network_config: str = "dhcp"
+    ssh_authorized_keys: tuple[str, ...] = ()
 
     @classmethod
     def from_obj(cls, obj: object) -> Self:
@@ -878,7 +924,7 @@ class CreateTaskRequest:
             obj,
             "",
             required=("idc", "sn", "mac", "os_type"),
-            optional=("os_version", "disk_layout", "network_config"),
+            optional=("os_version", "disk_layout", "network_config", "ssh_authorized_keys"),
         )
         return cls(
             idc=validate_idc(f.raw("idc")),
@@ -892,7 +938,21 @@ class CreateTaskRequest:
             network_config=f.get_str(
                 "network_config", default="dhcp", max_len=_MAX_FIELD, nonempty=True, ident=True
             ),
+            ssh_authorized_keys=parse_ssh_keys(f, "ssh_authorized_keys"),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class FirstBootRequest:
+    """Body of the installed system's first-boot call: its hostname (optional)."""
+
+    hostname: str = ""
+
+    @classmethod
+    def from_obj(cls, obj: object) -> Self:
+        """Parse strictly; ValidationError names the field."""
+        f = _Fields(obj, "", required=(), optional=("hostname",))
+        return cls(hostname=f.get_str("hostname", default="", max_len=253, ident=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -1071,6 +1131,7 @@ def new_task(req: CreateTaskRequest, *, task_id: str, now: datetime, actor: str)
         os_version=req.os_version,
         disk_layout=req.disk_layout,
         network_config=req.network_config,
+        ssh_authorized_keys=req.ssh_authorized_keys,
         status=TaskStatus.PENDING,
         status_history=(StatusChange(TaskStatus.PENDING, now, actor),),
         created_at=now,
@@ -1184,6 +1245,22 @@ def complete(task: Task, *, now: datetime, actor: str = "agent") -> Task:
         log="Installation completed",
         resume_from=None,
     )
+
+
+def first_boot(task: Task, *, now: datetime, hostname: str = "") -> Task:
+    """Record that the installed system booted (once, on a completed task)."""
+    if task.status is not TaskStatus.COMPLETED:
+        raise ConflictError(
+            f"task is {task.status}: only a completed install can report its first boot",
+            field="status",
+        )
+    if task.first_boot_at is not None:
+        raise ConflictError("the first boot was already reported", field="first_boot_at")
+    now = _norm_now(now)
+    line = "First boot of the installed system"
+    if hostname:
+        line += f" (hostname {hostname})"
+    return _with_logs(replace(task, first_boot_at=now), [line], "INFO", now)
 
 
 def _last_step(progress: tuple[ProgressStep, ...]) -> str | None:

@@ -8,6 +8,7 @@
     /os/{idc}/machines/{sn}/lease   "lease-<id>", attached to the agent's lease
     /os/{idc}/machines/{sn}/enrolment    the task's enrolment secret, hashed
     /os/{idc}/machines/{sn}/agent-token  the enrolled agent's bearer token, hashed
+    /os/{idc}/machines/{sn}/first-boot   the installed system's first-boot credential, hashed
 
 (The last two: see :mod:`lpmosd.credentials`.)
 
@@ -31,6 +32,7 @@ __all__ = [
     "ParsedKey",
     "agent_token_key",
     "enrolment_key",
+    "first_boot_key",
     "idc_prefix",
     "lease_key",
     "machine_prefix",
@@ -60,7 +62,7 @@ _MAC_RES: Final = (
     re.compile(r"[0-9A-Fa-f]{12}", re.ASCII),
 )
 
-KeyKind = Literal["server", "task", "meta", "lease", "enrolment", "agent_token"]
+KeyKind = Literal["server", "task", "meta", "lease", "enrolment", "agent_token", "first_boot"]
 #: Key name under a machine's prefix -> its kind ("agent-token" reads better in etcdctl
 #: output; the kind is a Python-friendly identifier).
 _MACHINE_KINDS: Final[dict[str, KeyKind]] = {
@@ -69,6 +71,7 @@ _MACHINE_KINDS: Final[dict[str, KeyKind]] = {
     "lease": "lease",
     "enrolment": "enrolment",
     "agent-token": "agent_token",
+    "first-boot": "first_boot",
 }
 
 
@@ -155,6 +158,11 @@ def lease_key(idc: str, sn: str) -> str:
 def enrolment_key(idc: str, sn: str) -> str:
     """``/os/{idc}/machines/{sn}/enrolment``: the task's one-time enrolment secret, hashed."""
     return f"{machine_prefix(idc, sn)}enrolment"
+
+
+def first_boot_key(idc: str, sn: str) -> str:
+    """``/os/{idc}/machines/{sn}/first-boot``: the installed system's one-time credential."""
+    return f"{machine_prefix(idc, sn)}first-boot"
 
 
 def agent_token_key(idc: str, sn: str) -> str:

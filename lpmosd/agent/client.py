@@ -121,6 +121,8 @@ class TaskView:
     resume_from: str | None = None
     #: Latest percent per step name, from the task's progress list.
     progress: Mapping[str, int] = field(default_factory=dict)
+    #: Public keys for root on the installed system (the built-in plans' post_install).
+    ssh_authorized_keys: tuple[str, ...] = ()
 
     @classmethod
     def from_obj(cls, obj: object) -> Self:
@@ -152,6 +154,9 @@ class TaskView:
         resume = obj.get("resume_from")
         if resume is not None and not isinstance(resume, str):
             raise ValueError("task.resume_from must be a string or null")
+        keys = obj.get("ssh_authorized_keys") or []
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise ValueError("task.ssh_authorized_keys must be a list of strings")
         return cls(
             task_id=text("task_id", required=True),
             idc=text("idc"),
@@ -164,6 +169,7 @@ class TaskView:
             status=text("status", required=True),
             resume_from=resume or None,
             progress=progress,
+            ssh_authorized_keys=tuple(keys),
         )
 
     def placeholders(self) -> dict[str, str]:
@@ -186,6 +192,8 @@ class AgentPlan:
 
     name: str
     steps: tuple[PlanStep, ...]
+    #: The OS image under the regional's ``/boot/files/`` (built-in plans).
+    image: str = ""
 
     @property
     def step_names(self) -> tuple[str, ...]:
@@ -232,12 +240,24 @@ def parse_plan(obj: object) -> AgentPlan | None:
         timeout = _number(raw.get("timeout", 3600), f"{where}.timeout", minimum=0.001)
         sim_raw = raw.get("simulate")
         simulate = None if sim_raw is None else _number(sim_raw, f"{where}.simulate", minimum=0)
-        if simulate is None and not command:
-            raise PlanError(f"{where} needs a command or simulate")
+        action = raw.get("action")
+        if action is not None and not isinstance(action, str):
+            raise PlanError(f"{where}.action must be a string")
+        if simulate is None and not command and action is None:
+            raise PlanError(f"{where} needs a command, an action or simulate")
         steps.append(
-            PlanStep(name=step_name, command=tuple(command), timeout=timeout, simulate=simulate)
+            PlanStep(
+                name=step_name,
+                command=tuple(command),
+                timeout=timeout,
+                simulate=simulate,
+                action=action,
+            )
         )
-    return AgentPlan(name=name, steps=tuple(steps))
+    image = obj.get("image", "")
+    if not isinstance(image, str):
+        raise PlanError("plan.image must be a string")
+    return AgentPlan(name=name, steps=tuple(steps), image=image)
 
 
 @dataclass(frozen=True, slots=True)
@@ -535,6 +555,15 @@ class AgentClient:
         """``POST /{sn}/logs`` with at most 100 lines."""
         if lines:
             await self._call("POST", f"{self._base}/logs", {"lines": list(lines), "level": level})
+
+    async def first_boot_credential(self) -> str:
+        """``POST /{sn}/first-boot-credential``: the one-time credential the installed
+        system presents on its first boot."""
+        body = await self._call("POST", f"{self._base}/first-boot-credential", {})
+        credential = body.get("credential")
+        if not isinstance(credential, str) or not credential:
+            raise AgentAPIError(200, "malformed response: no credential")
+        return credential
 
     async def complete(self) -> str:
         """``POST /{sn}/complete``; returns the new status."""

@@ -49,11 +49,13 @@ from lpmosd.metrics import REGISTRY
 from lpmosd.models import (
     ACTIVE_AGENT,
     FailRequest,
+    FirstBootRequest,
     LogRequest,
     MachineMeta,
     ProgressRequest,
     Task,
     TaskStatus,
+    format_ts,
     utcnow,
 )
 from lpmosd.store import LIVE, StoredTask
@@ -133,6 +135,7 @@ def task_view(task: Task) -> dict[str, Any]:
         "approval": task.approval.to_dict() if task.approval else None,
         "resume_from": task.resume_from,
         "progress": [p.to_dict() for p in task.progress],
+        "ssh_authorized_keys": list(task.ssh_authorized_keys),
     }
 
 
@@ -220,12 +223,14 @@ def create_agent_app(rg: Regional) -> QuartTrio:
             return None
         return {
             "name": plan.os_type,
+            "image": plan.image,
             "steps": [
                 {
                     "name": s.name,
                     "command": list(s.command),
                     "timeout": int(s.timeout),
                     "simulate": s.simulate,
+                    **({"action": s.action} if s.action is not None else {}),
                 }
                 for s in plan.steps
             ],
@@ -517,5 +522,38 @@ def create_agent_app(rg: Regional) -> QuartTrio:
         task_kv = await authorize(view, sn)
         req = FailRequest.from_obj(await read_json(max_body))
         return await finish(view, sn, task_kv, TaskStatus.FAILED, req.reason)
+
+    # --- first boot of the installed system ("deployed means booted") ---------------------
+
+    @app.post("/api/v1/agent/<sn>/first-boot-credential")
+    async def first_boot_credential(sn: str) -> Response:
+        """The agent, during post_install: a one-time credential for the new system."""
+        view = machines()
+        sn = schema.validate_sn(sn)
+        task_kv = await authorize(view, sn)
+        no_fields(await read_json(max_body, empty_ok=True))
+        task = rg.writer.task_of(task_kv)
+        credential = await store.issue_first_boot(idc, sn, task=task)
+        return json_response({"credential": credential})
+
+    @app.post("/api/v1/agent/<sn>/first-boot")
+    async def first_boot(sn: str) -> Response:
+        """The installed system, once: its first-boot credential as the bearer token."""
+        view = machines()
+        sn = schema.validate_sn(sn)
+        credential = _bearer()
+        req = FirstBootRequest.from_obj(await read_json(max_body, empty_ok=True))
+        try:
+            stored = await store.record_first_boot(idc, sn, credential, hostname=req.hostname)
+        except AuthenticationError as exc:
+            raise _refuse("first_boot", exc.message) from None
+        observed(view, stored)
+        first = stored.task.first_boot_at
+        return json_response(
+            {
+                "status": stored.task.status.value,
+                "first_boot_at": None if first is None else format_ts(first),
+            }
+        )
 
     return app

@@ -211,7 +211,7 @@ def test_parse_plan() -> None:
         ([], "plan must be an object"),
         ({"steps": []}, "plan.name"),
         ({"name": "x", "steps": {}}, "plan.steps must be a list"),
-        ({"name": "x", "steps": [{"name": "a"}]}, "needs a command or simulate"),
+        ({"name": "x", "steps": [{"name": "a"}]}, "needs a command, an action or simulate"),
         ({"name": "x", "steps": [{"name": "Bad Name", "simulate": 1}]}, r"steps\[0\]\.name"),
         ({"name": "x", "steps": [{"name": "", "simulate": 1}]}, r"steps\[0\]\.name"),
         ({"name": "x", "steps": [{"name": "a", "command": "rm -rf /"}]}, "list of strings"),
