@@ -104,7 +104,7 @@ def _pack(root: Path, out: Path, epoch: int) -> None:
         stdout=subprocess.PIPE,
     )  # fmt: skip
     with out.open("wb") as f:
-        zstd = subprocess.Popen(["zstd", "-q", "-19", "-T0", "-c"], stdin=tar.stdout, stdout=f)
+        zstd = subprocess.Popen(["zstd", "-q", "-12", "-T0", "-c"], stdin=tar.stdout, stdout=f)
         assert tar.stdout is not None
         tar.stdout.close()
         if tar.wait() or zstd.wait():

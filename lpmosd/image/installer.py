@@ -195,7 +195,7 @@ def _pack(root: Path, out: Path, epoch: int) -> None:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
-        zstd = subprocess.Popen(["zstd", "-q", "-19", "-T0", "-c"], stdin=cpio.stdout, stdout=f)
+        zstd = subprocess.Popen(["zstd", "-q", "-12", "-T0", "-c"], stdin=cpio.stdout, stdout=f)
         assert cpio.stdin is not None and cpio.stdout is not None
         cpio.stdout.close()
         cpio.stdin.write(listing)
