@@ -19,7 +19,8 @@
         │   └── LeaseNotFoundError  the lease does not exist (expired or revoked)
         ├── CompactedError       the requested revision was compacted: relist
         ├── ContentionError      atomic_update gave up after its retry bound
-        └── LeaseLost            a lease we held expired, was revoked, or lost keepalive
+        ├── LeaseLost            a lease we held expired, was revoked, or lost keepalive
+        └── NotLeaderError       a fenced write refused: we do not hold the leadership
 
 gRPC status codes are mapped to EtcdError subclasses in ``lpmosd.etcd._bridge``; callers
 never see grpclib types, asyncio.CancelledError or ExceptionGroups from our internals.
@@ -139,3 +140,11 @@ class LeaseLost(EtcdError):
         super().__init__(f"lease {lease_id:x} lost: {reason}")
         self.lease_id = lease_id
         self.reason = reason
+
+
+class NotLeaderError(EtcdError):
+    """A fenced write was refused: this process does not hold the leadership it depends on.
+
+    Either it never won the election (a standby) or it lost it (its election key is gone,
+    e.g. it was paused past its session TTL); etcd wrote nothing.
+    """

@@ -43,6 +43,7 @@ from typing import Self
 import trio
 
 __all__ = [
+    "EtcdCluster",
     "EtcdProcess",
     "EtcdProcessError",
     "TLSFiles",
@@ -238,8 +239,13 @@ class EtcdProcess:
         log_level: str = "info",
         extra_args: Sequence[str] = (),
         ready_timeout: float = _READY_TIMEOUT,
+        initial_cluster: str | None = None,
     ) -> None:
-        """Configure the server; see the class docstring. ``extra_args`` go to etcd as-is."""
+        """Configure the server; see the class docstring. ``extra_args`` go to etcd as-is.
+
+        ``initial_cluster`` (``name=peer-url,...``) makes this one member of a larger
+        cluster (see :class:`EtcdCluster`); the default is a cluster of this member alone.
+        """
         if (cert_file is None) != (key_file is None):
             raise ValueError("cert_file and key_file must be given together")
         if client_cert_auth and (cert_file is None or trusted_ca_file is None):
@@ -259,6 +265,7 @@ class EtcdProcess:
         self.log_level = log_level
         self.extra_args = tuple(extra_args)
         self.ready_timeout = ready_timeout
+        self.initial_cluster = initial_cluster
 
         self._owns_workdir = workdir is None
         self._workdir: Path | None = None if workdir is None else Path(workdir)
@@ -347,6 +354,13 @@ class EtcdProcess:
         """Whether the server is stopped with SIGSTOP."""
         return self._paused and self.running
 
+    @property
+    def _cluster_token(self) -> str:
+        if self.initial_cluster is None:
+            return f"lpmosd-{self.client_port}"
+        first_peer = self.initial_cluster.split(",")[0].rsplit(":", 1)[-1]
+        return f"lpmosd-cluster-{first_peer}"
+
     # ----------------------------------------------------------------- lifecycle
 
     def _command(self) -> list[str]:
@@ -358,9 +372,9 @@ class EtcdProcess:
             f"--advertise-client-urls={self.endpoint}",
             f"--listen-peer-urls={self.peer_url}",
             f"--initial-advertise-peer-urls={self.peer_url}",
-            f"--initial-cluster={self.name}={self.peer_url}",
+            f"--initial-cluster={self.initial_cluster or f'{self.name}={self.peer_url}'}",
             "--initial-cluster-state=new",
-            f"--initial-cluster-token=lpmosd-{self.client_port}",
+            f"--initial-cluster-token={self._cluster_token}",
             "--auto-compaction-retention=0",
             f"--heartbeat-interval={self.heartbeat_ms}",
             f"--election-timeout={self.election_ms}",
@@ -719,3 +733,108 @@ class EtcdProcess:
         where = self.endpoint if self._client_port is not None else "unstarted"
         state = "paused" if self.paused else "running" if self.running else "stopped"
         return f"<EtcdProcess {self.name} {where} {state}>"
+
+
+class EtcdCluster:
+    """A private etcd cluster of ``size`` members on loopback (the fault tests' cluster).
+
+    Each member is an :class:`EtcdProcess` with its own ports and work directory; they are
+    started together (a member is healthy only once the cluster has a leader). Raft timers
+    are slower than a lone member's (50 ms heartbeat, 500 ms election timeout): on a loaded
+    machine 100 ms would make members call needless elections.
+    """
+
+    def __init__(
+        self,
+        size: int = 3,
+        *,
+        heartbeat_ms: int = 50,
+        election_ms: int = 500,
+        extra_args: Sequence[str] = (),
+        log_level: str = "warn",
+    ) -> None:
+        ports = _free_ports(2 * size)
+        names = [f"lpmosd-m{i}" for i in range(size)]
+        initial = ",".join(
+            f"{name}=http://127.0.0.1:{ports[2 * i + 1]}" for i, name in enumerate(names)
+        )
+        self.members = [
+            EtcdProcess(
+                name=name,
+                client_port=ports[2 * i],
+                peer_port=ports[2 * i + 1],
+                heartbeat_ms=heartbeat_ms,
+                election_ms=election_ms,
+                extra_args=extra_args,
+                log_level=log_level,
+                initial_cluster=initial,
+            )
+            for i, name in enumerate(names)
+        ]
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Every member's client URL."""
+        return [m.endpoint for m in self.members]
+
+    def start(self) -> None:
+        """Start every member at once and wait until all are healthy."""
+        errors: list[BaseException] = []
+
+        def start(member: EtcdProcess) -> None:
+            try:
+                member.start()
+            except BaseException as exc:  # re-raised below, in the caller
+                errors.append(exc)
+
+        threads = [threading.Thread(target=start, args=(m,)) for m in self.members]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            self.close()
+            raise errors[0]
+
+    def member_status(self, member: EtcdProcess, timeout: float = 2.0) -> dict[str, object]:
+        """The member's ``/v3/maintenance/status`` answer (leader, raftTerm, header...)."""
+        return member._http("/v3/maintenance/status", {}, timeout)
+
+    def leader(self, timeout: float = 10.0) -> EtcdProcess:
+        """The member that leads now (waiting up to ``timeout`` for an election)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for member in self.members:
+                if not member.running or member.paused:
+                    continue
+                try:
+                    status = self.member_status(member)
+                except (OSError, ValueError):
+                    continue
+                header = status.get("header")
+                leader = status.get("leader")
+                if isinstance(header, dict) and leader and header.get("member_id") == leader:
+                    return member
+            if time.monotonic() >= deadline:
+                raise EtcdProcessError(f"no etcd member leads after {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        """Stop every member and remove their work directories."""
+        for member in self.members:
+            member.close()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"EtcdCluster({', '.join(m.endpoint for m in self.members)})"

@@ -165,6 +165,16 @@ def first_boot_key(idc: str, sn: str) -> str:
     return f"{machine_prefix(idc, sn)}first-boot"
 
 
+def regional_election_prefix(idc: str) -> str:
+    """Where the IDC's regionals stand for election (``.../regional/{lease-hex}``, bound to
+    the session lease, holding the regional's URL); the lowest create revision is active."""
+    return idc_prefix(idc) + "regional/"
+
+
+#: The control planes' election, beside the IDCs under a name no IDC can have.
+CONTROL_PLANE_ELECTION: Final = ROOT + "_control-plane/"
+
+
 def agent_token_key(idc: str, sn: str) -> str:
     """``/os/{idc}/machines/{sn}/agent-token``: the enrolled agent's bearer token, hashed."""
     return f"{machine_prefix(idc, sn)}agent-token"

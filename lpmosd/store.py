@@ -25,8 +25,10 @@ from lpmosd.errors import (
 from lpmosd.etcd import (
     Compare,
     EtcdClient,
+    Fence,
     KeyValue,
     Op,
+    TxnResult,
     Write,
     delete,
     put,
@@ -121,11 +123,34 @@ def with_hardware_step(task: Task, meta: MachineMeta, *, now: datetime) -> Task:
 
 
 class Store:
-    """The provisioning operations over one etcd client."""
+    """The provisioning operations over one etcd client.
 
-    def __init__(self, client: EtcdClient, *, clock: Callable[[], datetime] = models.utcnow):
+    With a ``fence`` every write also requires that leadership term (a compare on the
+    role's election key, in the same Txn): a standby, or a leader that lost its lease while
+    paused, writes nothing and gets :class:`~lpmosd.errors.NotLeaderError`. Reads are not
+    fenced.
+    """
+
+    def __init__(
+        self,
+        client: EtcdClient,
+        *,
+        clock: Callable[[], datetime] = models.utcnow,
+        fence: Fence | None = None,
+    ):
         self.client = client
         self.clock = clock
+        self.fence = fence
+
+    def fenced(self, fence: Fence) -> Store:
+        """The same operations, every write guarded by ``fence``."""
+        return Store(self.client, clock=self.clock, fence=fence)
+
+    async def txn(
+        self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
+    ) -> TxnResult:
+        """One transaction, fenced like every write of this store."""
+        return await self.client.txn(compare, success, failure, fence=self.fence)
 
     # --- reads -----------------------------------------------------------------------
 
@@ -204,7 +229,7 @@ class Store:
         if enrolment is not None:
             enrolment = replace(enrolment, task_id=task.task_id, mac=task.mac)
             ops.append(put(enrolment_key, enrolment.to_json()))
-        r = await self.client.txn([Compare.absent(task_key), Compare.absent(server_key)], ops, [])
+        r = await self.txn([Compare.absent(task_key), Compare.absent(server_key)], ops, [])
         if r.succeeded:
             return task
         old = await self.client.get(task_key)
@@ -230,7 +255,7 @@ class Store:
         ]
         if enrolment is None:
             clear.append(delete(enrolment_key))
-        r = await self.client.txn([guard], [*clear, *ops], [])
+        r = await self.txn([guard], [*clear, *ops], [])
         if not r.succeeded:
             raise ConflictError(f"server {req.sn} in {req.idc} changed concurrently", field="sn")
         return task
@@ -268,14 +293,14 @@ class Store:
             return Write(new.to_json(), (put(server_key, entry.to_json()), *extra), guards)
 
         try:
-            r = await self.client.atomic_update(task_key, step, current=current)
+            r = await self.client.atomic_update(task_key, step, current=current, fence=self.fence)
         except InputError:
             if current is None:
                 raise
             # ``current`` came from a watch cache that may lag behind etcd (the control
             # plane approved a moment ago): a refusal must be decided on fresh data, so
             # read the key and try once more.
-            r = await self.client.atomic_update(task_key, step)
+            r = await self.client.atomic_update(task_key, step, fence=self.fence)
         if r.guard_failed:
             raise ConflictError(f"server {sn} in {idc} changed concurrently", field="sn")
         return StoredTask(result_task[0], r.revision, r.kv)
@@ -407,7 +432,7 @@ class Store:
         enrolment, secret = Enrolment.issue(
             task_id=task.task_id, mac=task.mac, actor=actor, now=self.clock()
         )
-        r = await self.client.txn(
+        r = await self.txn(
             [Compare.mod_revision(schema.task_key(idc, sn), "==", stored.mod_revision)],
             [put(schema.enrolment_key(idc, sn), enrolment.to_json())],
             [],
@@ -462,7 +487,7 @@ class Store:
                 "tasks can be deleted",
                 field="status",
             )
-        r = await self.client.txn(
+        r = await self.txn(
             [Compare.mod_revision(schema.task_key(idc, sn), "==", kv.mod_revision)],
             [
                 delete(schema.server_key(idc, sn)),

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from lpmosd import metrics, models, schema
+from lpmosd import hooks, metrics, models, schema
 from lpmosd.errors import ContentionError, EtcdUnavailableError, InputError, NotFoundError
 from lpmosd.etcd import Compare, KeyValue, Op, RangeResult, get, put
 from lpmosd.etcd.txn import MAX_TXN_OPS
@@ -290,12 +290,14 @@ class TaskWriter:
     async def _write(self, writes: list[_Write]) -> None:
         compares = [Compare.mod_revision(w.key, "==", w.old.mod_revision) for w in writes]
         ops = [op for w in writes for op in w.ops]
+        await hooks.reach("writer.before-txn")
         try:
-            r = await self.store.client.txn(compares, ops, [get(w.key) for w in writes])
+            r = await self.store.txn(compares, ops, [get(w.key) for w in writes])
         except EtcdUnavailableError as exc:
             await self._settle_ambiguous(writes, exc)
             return
         except Exception as exc:
+            log.warning("batch of task writes failed", extra={"error": str(exc)})
             for w in writes:
                 for p, _ in w.applied:
                     p.finish(error=exc)

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import trio_asyncio
 import trustme
+from fault_table import RESULTS, fault_table
 
 from lpmosd.etcd import EtcdClient, open_client
 from lpmosd.etcd_process import EtcdProcess, EtcdProcessError, TLSFiles
@@ -146,3 +147,10 @@ async def client(etcd: EtcdProcess, aio_loop: None) -> AsyncIterator[EtcdClient]
 def store(client: EtcdClient) -> Store:
     """Store operations over :func:`client`, to set up and inspect tasks."""
     return Store(client)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the fault x outcome table of the fault tests that ran (tests/fault_table.py)."""
+    if RESULTS:
+        terminalreporter.section("fault x outcome")
+        terminalreporter.write_line(fault_table())

@@ -54,6 +54,14 @@ def _url(value: str) -> str:
     return value.rstrip("/")
 
 
+def _urls(value: str) -> tuple[str, ...]:
+    """One regional URL, or several separated by commas (the IDC's PXE hosts)."""
+    urls = tuple(_url(part.strip()) for part in value.split(",") if part.strip())
+    if not urls:
+        raise argparse.ArgumentTypeError("expected at least one http(s)://host[:port]")
+    return urls
+
+
 def _positive(value: str) -> float:
     try:
         number = float(value)
@@ -78,7 +86,14 @@ def register(
         ),
     )
     parser.add_argument(
-        "--regional-url", required=True, type=_url, help="e.g. http://regional:8081"
+        "--regional-url",
+        required=True,
+        type=_urls,
+        help=(
+            "e.g. http://regional:8081; several comma-separated for an IDC with a standby "
+            "regional (the agent moves to the next one when a regional answers 503 or is "
+            "unreachable)"
+        ),
     )
     parser.add_argument("--sn", required=True, type=_sn, help="this machine's serial number")
     parser.add_argument(
@@ -122,6 +137,13 @@ def register(
         type=_positive,
         default=600.0,
         help="give up one API call after retrying this many seconds (default 600)",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=_positive,
+        default=10.0,
+        help="one HTTP request's timeout before it is retried, on the next regional URL "
+        "when there are several (default 10)",
     )
     parser.add_argument(
         "--work-dir", default=None, help="working directory of plan steps (default: ours)"
@@ -203,6 +225,7 @@ def handle(args: argparse.Namespace) -> int:
         register_retry_interval=args.register_retry_interval,
         register_timeout=args.register_timeout,
         retry=RetryPolicy(total=args.max_retry_time),
+        request_timeout=args.request_timeout,
         work_dir=args.work_dir,
     )
     return trio.run(_run_until_signal, opts)

@@ -6,6 +6,10 @@ regional that lost its etcd session answers 503 until it is back). The retries o
 are bounded by :attr:`RetryPolicy.total`; past it :class:`RegionalUnavailableError` is raised.
 Other errors raise :class:`AgentAPIError` with the regional's ``error`` and ``field``.
 
+Several regional URLs may be given (the IDC's PXE hosts: one active regional, the others
+standby and answering 503): a connection failure or a 503 moves the client to the next
+URL at once, and it waits only after it has tried every one.
+
 A retried POST may have been applied by the first attempt (the answer was lost), so callers
 treat progress as idempotent and a 409 on complete/fail as "look at the task" (see
 :mod:`lpmosd.agent.main`); a log batch may at worst be stored twice.
@@ -347,7 +351,7 @@ class AgentClient:
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         sn: str,
         *,
         retry: RetryPolicy | None = None,
@@ -361,8 +365,12 @@ class AgentClient:
         verify: ssl.SSLContext | bool = (
             ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else True
         )
+        bases = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not bases:
+            raise ValueError("at least one regional URL is needed")
+        self._bases = [b.rstrip("/") for b in bases]
+        self._current = 0
         self._http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"),
             timeout=request_timeout,
             transport=transport,
             verify=verify,
@@ -392,6 +400,22 @@ class AgentClient:
             await self._http.aclose()
 
     @property
+    def regional_url(self) -> str:
+        """The regional URL calls go to now."""
+        return self._bases[self._current]
+
+    def _next_regional(self, failed: str, avoid: set[str]) -> None:
+        """Move on from ``failed`` (unless a concurrent call already did), preferring a
+        regional not in ``avoid`` (unreachable a moment ago): a standby answering 503 is
+        about to take over from an unreachable active one, not the other way round."""
+        if self._bases[self._current] != failed:
+            return
+        n = len(self._bases)
+        order = [(self._current + step) % n for step in range(1, n + 1)]
+        good = [i for i in order if self._bases[i] not in avoid]
+        self._current = (good or order)[0]
+
+    @property
     def has_token(self) -> bool:
         """Whether the regional gave us an agent token."""
         return self._token is not None
@@ -403,15 +427,21 @@ class AgentClient:
         policy = self.retry
         started = trio.current_time()
         attempt = 0
+        tried: set[str] = set()
+        unreachable: set[str] = set()  # in this call: not worth going back to soon
         while True:
             attempt += 1
             headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
             problem: str
             wait: float | None = None
+            base = self._bases[self._current]
+            tried.add(base)
             try:
-                resp = await self._http.request(method, path, json=body, headers=headers)
+                resp = await self._http.request(method, base + path, json=body, headers=headers)
             except httpx.TransportError as exc:
-                problem = f"{type(exc).__name__}: {exc}"
+                problem = f"{base}: {type(exc).__name__}: {exc}"
+                unreachable.add(base)
+                self._next_regional(base, unreachable)
             else:
                 if resp.status_code not in _RETRY_STATUSES:
                     if attempt > 1:
@@ -424,8 +454,10 @@ class AgentClient:
                             },
                         )
                     return resp
-                problem = f"HTTP {resp.status_code}: {_error_of(resp).message}"
+                problem = f"{base}: HTTP {resp.status_code}: {_error_of(resp).message}"
                 wait = _retry_after(resp)
+                if resp.status_code == 503:
+                    self._next_regional(base, unreachable)
             elapsed = trio.current_time() - started
             if elapsed >= policy.total:
                 log.error(
@@ -439,6 +471,8 @@ class AgentClient:
             if wait is not None:
                 delay = min(max(delay, wait), policy.maximum)
             delay = min(delay, policy.total - elapsed)
+            if self._bases[self._current] not in tried and wait is None:
+                delay = 0.0  # another regional to try before waiting
             level = logging.WARNING if attempt % _WARN_EVERY == 1 else logging.DEBUG
             log.log(
                 level,

@@ -70,7 +70,8 @@ class AgentOptions:
     ``facts`` skips hardware collection (tests); ``transport`` replaces the network (tests).
     """
 
-    regional_url: str
+    #: One URL or several (an IDC's active and standby regionals).
+    regional_url: str | tuple[str, ...]
     sn: str
     mac: str | None = None
     enrollment_secret: str | None = field(default=None, repr=False)
@@ -329,7 +330,7 @@ class _Agent:
         self, plan: AgentPlan, reply: TaskReply, values: dict[str, str]
     ) -> ActionContext:
         return ActionContext(
-            regional_url=self.opts.regional_url,
+            regional_url=self.client.regional_url,
             reporter=self.client,
             values=values,
             ssh_authorized_keys=reply.task.ssh_authorized_keys,

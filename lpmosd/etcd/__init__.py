@@ -5,6 +5,8 @@ Only :mod:`lpmosd.etcd._bridge` knows that asyncio and gRPC exist.
 
 from lpmosd.etcd._bridge import TLSFiles, ensure_loop
 from lpmosd.etcd.client import Auth, EtcdClient, Write, open_client
+from lpmosd.etcd.election import candidate_key, leader_of, nominate, wait_for_leadership
+from lpmosd.etcd.fence import Fence
 from lpmosd.etcd.lease import HeldLease, open_lease
 from lpmosd.etcd.txn import Compare, Delete, Get, Op, Put, delete, get, prefix_end, put
 from lpmosd.etcd.types import (
@@ -29,6 +31,7 @@ __all__ = [
     "DeleteResult",
     "EtcdClient",
     "EventType",
+    "Fence",
     "Get",
     "HeldLease",
     "KeyValue",
@@ -45,12 +48,16 @@ __all__ = [
     "WatchEvent",
     "WatchStream",
     "Write",
+    "candidate_key",
     "delete",
     "ensure_loop",
     "get",
+    "leader_of",
+    "nominate",
     "open_client",
     "open_lease",
     "prefix_end",
     "put",
+    "wait_for_leadership",
     "watch",
 ]

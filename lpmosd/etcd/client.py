@@ -12,7 +12,7 @@ from typing import TypeVar
 import betterproto2
 import trio
 
-from lpmosd import metrics
+from lpmosd import hooks, metrics
 from lpmosd._trio_util import open_nursery
 from lpmosd.errors import (
     ContentionError,
@@ -24,6 +24,7 @@ from lpmosd.errors import (
 )
 from lpmosd.etcd import _bridge
 from lpmosd.etcd._pb import etcdserverpb as pb
+from lpmosd.etcd.fence import Fence
 from lpmosd.etcd.txn import (
     MAX_TXN_OPS,
     Compare,
@@ -345,8 +346,22 @@ class EtcdClient:
         compare: Sequence[Compare] = (),
         success: Sequence[Op] = (),
         failure: Sequence[Op] = (),
+        *,
+        fence: Fence | None = None,
     ) -> TxnResult:
-        """One transaction: if every compare holds, run ``success``, else ``failure``."""
+        """One transaction: if every compare holds, run ``success``, else ``failure``.
+
+        With ``fence`` the Txn also requires the fence's leadership term; when that is what
+        failed, :class:`NotLeaderError` (nothing was written). Read-only Txns need no fence.
+        """
+        term: Compare | None = None
+        if fence is not None and any(not isinstance(o, Get) for o in success):
+            term = fence.compare()
+            compare = [*compare, term]
+            failure = [*failure, Get(term.key)]
+            # A process paused here (between deciding it leads and etcd hearing of it) is
+            # what fencing is for.
+            await hooks.reach("etcd.fenced-txn")
         if len(success) > MAX_TXN_OPS or len(failure) > MAX_TXN_OPS:
             raise EtcdRequestError(f"a transaction takes at most {MAX_TXN_OPS} operations")
         req = pb.TxnRequest(
@@ -357,9 +372,12 @@ class EtcdClient:
         # A read-only transaction is safe to retry.
         idempotent = all(isinstance(o, Get) for o in (*success, *failure))
         reply = await self._call("/etcdserverpb.KV/Txn", req, pb.TxnResponse, idempotent=idempotent)
-        return TxnResult(
-            reply.succeeded, _rev(reply.header), [_response_result(r) for r in reply.responses]
-        )
+        responses = [_response_result(r) for r in reply.responses]
+        if term is not None and not reply.succeeded:
+            seen = responses.pop()
+            assert isinstance(seen, RangeResult)
+            Fence.check(term, seen)
+        return TxnResult(reply.succeeded, _rev(reply.header), responses)
 
     async def compact(self, revision: int, *, physical: bool = True) -> None:
         """Discard history before ``revision``."""
@@ -375,6 +393,7 @@ class EtcdClient:
         known_absent: bool = False,
         max_attempts: int = 20,
         backoff_cap: float = 0.05,
+        fence: Fence | None = None,
     ) -> UpdateResult:
         """Read → ``fn`` → compare-and-swap on mod_revision, until it commits.
 
@@ -385,6 +404,8 @@ class EtcdClient:
         first read; a stale one only costs a retry. A lost race re-reads through the
         failed Txn itself. After ``max_attempts`` conflicts: :class:`ContentionError`.
         An ambiguous failure (connection lost after sending) is settled by re-reading.
+
+        ``fence``: every write also requires that leadership term (see :meth:`txn`).
 
         Concurrent updates of one key through this client take turns (a per-key lock):
         they could not all win anyway, and in turn each one starts from the key as the
@@ -402,7 +423,7 @@ class EtcdClient:
                     current, known_absent = gate.kv, gate.kv is None
                 gate.known = False
                 result = await self._atomic_update(
-                    k, fn, current, known_absent, max_attempts, backoff_cap, from_gate
+                    k, fn, current, known_absent, max_attempts, backoff_cap, from_gate, fence
                 )
                 gate.kv, gate.known = result.kv, True
                 return result
@@ -420,6 +441,7 @@ class EtcdClient:
         max_attempts: int,
         backoff_cap: float,
         hinted: bool = False,
+        fence: Fence | None = None,
     ) -> UpdateResult:
         kv = current if current is not None or known_absent else await self.get(k)
         for attempt in range(1, max_attempts + 1):
@@ -441,6 +463,7 @@ class EtcdClient:
                     [guard, *write.guards],
                     [Put(k, write.value, lease), *write.also],
                     [Get(k)],
+                    fence=fence,
                 )
             except EtcdUnavailableError:
                 kv_now = await self.get(k)

@@ -1,5 +1,9 @@
 """The control-plane role: operators' REST API and dashboard, plus the lease reaper.
 
+Several control planes may run: each serves the API and dashboard from its own view; they
+stand for election on their session leases and only the leader reaps (its writes fenced
+on its election key, so a paused former leader that wakes fails nothing).
+
 It keeps one view of ``/os/`` (relist + watch). The reaper listens to it: when an agent's
 lease key vanishes while its task is approved or installing, the task is failed ("agent
 heartbeat lost", with the last step), guarded on the lease key still being absent so an
@@ -10,19 +14,17 @@ as explicit deletions from the view's relist diff.
 from __future__ import annotations
 
 import logging
-import re
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
 import trio
 
-from lpmosd import schema
+from lpmosd import hooks, schema
 from lpmosd._trio_util import open_nursery
 from lpmosd.config import ControlPlaneConfig
-from lpmosd.errors import EtcdError, InputError
-from lpmosd.etcd import Compare, EtcdClient, HeldLease
+from lpmosd.errors import EtcdError, InputError, NotLeaderError
+from lpmosd.etcd import Compare, EtcdClient, Fence, HeldLease
 from lpmosd.models import ACTIVE_AGENT, Task, TaskStatus
 from lpmosd.roles.session import SessionState, run_session, session_value
 from lpmosd.store import Store, StoredTask
@@ -32,8 +34,6 @@ from lpmosd.web.server import serve_app
 
 log = logging.getLogger("lpmosd.control_plane")
 
-#: Session keys live beside the IDCs under a name no IDC can have (IDCs start alnum).
-SESSION_PREFIX = "/os/_control-plane/"
 SESSION_TTL = 10
 HEARTBEAT_LOST = "agent heartbeat lost"
 #: Reaper tasks sharing the queue of vanished lease keys.
@@ -52,9 +52,19 @@ class ControlPlane:
     reaped: int = 0
     #: Operator API tokens; its cache runs in the session (see :meth:`_session_body`).
     tokens: TokenStore = field(init=False)
+    #: The leadership term the leader-only work (the reaper) writes under.
+    fence: Fence = field(init=False)
+    #: ``store`` fenced on the leadership: what the reaper writes with. The API writes
+    #: through ``store`` itself: it works on every instance.
+    leader_store: Store = field(init=False)
+    _reap_send: trio.MemorySendChannel[tuple[str, str, str]] | None = field(
+        init=False, default=None
+    )
 
     def __post_init__(self) -> None:
         self.tokens = TokenStore(self.client)
+        self.fence = Fence("control-plane")
+        self.leader_store = self.store.fenced(self.fence)
 
     #: Called with each session's view once it has synced (the dashboard's hub follows it).
     view_hooks: list[Callable[[PrefixView], None]] = field(default_factory=list)
@@ -70,9 +80,11 @@ class ControlPlane:
                     run_session,
                     self.client,
                     self.session,
-                    key=SESSION_PREFIX + session_value_host(),
+                    election=schema.CONTROL_PLANE_ELECTION,
+                    fence=self.fence,
                     ttl=SESSION_TTL,
                     body=self._session_body,
+                    leader_body=self._leader_body,
                     value=session_value("control-plane"),
                 )
             )
@@ -92,15 +104,18 @@ class ControlPlane:
     async def _session_body(
         self, lease: HeldLease, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        """Every instance: the view of ``/os/`` (API, dashboard) and the token cache."""
         view = PrefixView(self.client, schema.ROOT)
-        reap_send, reap_recv = trio.open_memory_channel[tuple[str, str, str]](10_000)
 
         def on_change(change: Change) -> None:
+            send = self._reap_send
+            if send is None:
+                return  # a standby: the leader reaps (and a new leader scans at start)
             parsed = schema.parse_key(change.key)
             if parsed is None or parsed.kind != "lease" or change.kv is not None:
                 return
             try:
-                reap_send.send_nowait((parsed.idc, parsed.sn, "deleted"))
+                send.send_nowait((parsed.idc, parsed.sn, "deleted"))
             except trio.WouldBlock:
                 log.error("reaper queue full", extra={"sn": parsed.sn})
 
@@ -112,15 +127,30 @@ class ControlPlane:
                 self.view = view
                 for hook in self.view_hooks:
                     hook(view)
-                # Several reapers: when many agents die at once (a rack loses power) their
-                # tasks are failed in parallel, not one Txn after another.
-                for _ in range(REAPER_WORKERS):
-                    nursery.start_soon(self._reap, reap_recv)
-                self._reap_orphans(view, reap_send)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
             self.view = None
+
+    async def _leader_body(
+        self, lease: HeldLease, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The leader only: the reaper."""
+        view = self.view
+        assert view is not None, "the session body syncs the view before the election"
+        reap_send, reap_recv = trio.open_memory_channel[tuple[str, str, str]](10_000)
+        try:
+            async with open_nursery() as nursery:
+                # Several reapers: when many agents die at once (a rack loses power) their
+                # tasks are failed in parallel, not one Txn after another.
+                for _ in range(REAPER_WORKERS):
+                    nursery.start_soon(self._reap, reap_recv)
+                self._reap_send = reap_send
+                self._reap_orphans(view, reap_send)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._reap_send = None
 
     def _reap_orphans(
         self, view: PrefixView, send: trio.MemorySendChannel[tuple[str, str, str]]
@@ -165,7 +195,8 @@ class ControlPlane:
             view = self.view
             current = view.get(schema.task_key(idc, sn)) if view else None
             try:
-                return await self.store.fail(
+                await hooks.reach("reaper.before-fail")
+                return await self.leader_store.fail(
                     idc,
                     sn,
                     HEARTBEAT_LOST,
@@ -174,6 +205,10 @@ class ControlPlane:
                     guards=[Compare.absent(lease_key)],
                     current=current,
                 )
+            except NotLeaderError as exc:
+                # Leadership lost: the next leader reaps (its start-up scan sees the task).
+                log.warning("reap refused", extra={"idc": idc, "sn": sn, "error": str(exc)})
+                return None
             except InputError as exc:
                 log.error(
                     "cannot reap: invalid task document",
@@ -186,9 +221,3 @@ class ControlPlane:
                 )
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
-
-
-def session_value_host() -> str:
-    """This host's name as a key part (sanitised to the schema's name rule)."""
-    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64] or "host"
-    return name if name[0].isalnum() else f"h{name[:63]}"

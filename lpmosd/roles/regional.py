@@ -1,5 +1,10 @@
 """The regional-client role: one per IDC, on the PXE host.
 
+Several regionals may serve one IDC (a second PXE host): they stand for election on
+their session leases, one is active, the others are standby (their agent API answers 503,
+so agents move to the active one) and take over when the active one's lease goes. Every
+write is fenced on the active one's election key.
+
 It watches only its own IDC (``/os/{idc}/servers/`` and ``/os/{idc}/machines/``), keeps a
 local view of them, serves the agent API and keeps one lease per live agent: the agent's
 heartbeats refresh it over the client's single shared LeaseKeepAlive stream. Lease ids live
@@ -20,7 +25,7 @@ from lpmosd._trio_util import open_nursery
 from lpmosd.config import RegionalConfig
 from lpmosd.credentials import AgentToken
 from lpmosd.errors import EtcdError, ValidationError
-from lpmosd.etcd import EtcdClient, HeldLease
+from lpmosd.etcd import EtcdClient, Fence, HeldLease
 from lpmosd.models import Task
 from lpmosd.roles.session import SessionState, run_session, session_value
 from lpmosd.store import Store, parse_lease_value
@@ -29,11 +34,6 @@ from lpmosd.view import Change, PrefixView
 from lpmosd.web.server import serve_app
 
 log = logging.getLogger("lpmosd.regional")
-
-
-def session_key(idc: str) -> str:
-    """The regional's own registration key, bound to its session lease."""
-    return schema.idc_prefix(idc) + "regional"
 
 
 @dataclass(eq=False)
@@ -54,8 +54,13 @@ class Regional:
     url: str = ""
     #: Batched, coalesced writes of agents' progress reports (see lpmosd.taskwriter).
     writer: TaskWriter = field(init=False)
+    #: The leadership term every write of this regional is guarded on: a second PXE host
+    #: of the IDC runs as a standby, and one that lost its lease while paused writes nothing.
+    fence: Fence = field(init=False)
 
     def __post_init__(self) -> None:
+        self.fence = Fence(f"regional {self.config.idc}")
+        self.store = self.store.fenced(self.fence)
         self.writer = TaskWriter(self.store)
 
     @property
@@ -101,7 +106,8 @@ class Regional:
                     run_session,
                     self.client,
                     self.session,
-                    key=session_key(self.idc),
+                    election=schema.regional_election_prefix(self.idc),
+                    fence=self.fence,
                     ttl=self.config.session_ttl,
                     body=self._session_body,
                     value=session_value("regional", {"idc": self.idc, "url": self.url}),

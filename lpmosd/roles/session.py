@@ -4,6 +4,12 @@ Each role keeps a session key bound to its own lease. The role's background work
 the session's nursery; when the lease is lost that nursery is cancelled (nothing of the old
 session keeps running), the role reports "restarting", and a fresh session starts: new
 lease, relist, carry on. The HTTP server outlives sessions and answers 503 meanwhile.
+
+The session key is also the role's candidacy in a leader election (see
+:mod:`lpmosd.etcd.election`): several instances of a role may run, one leads ("active"),
+the others wait ("standby") and take over when the leader's lease goes. While it leads the
+role's :class:`~lpmosd.etcd.Fence` holds the term, so its fenced writes are accepted only
+while its key is still the one etcd has.
 """
 
 from __future__ import annotations
@@ -18,9 +24,10 @@ from dataclasses import dataclass, field
 
 import trio
 
+from lpmosd import hooks
 from lpmosd._trio_util import open_nursery
 from lpmosd.errors import EtcdError, LeaseLost
-from lpmosd.etcd import EtcdClient, HeldLease, open_lease
+from lpmosd.etcd import EtcdClient, Fence, HeldLease, nominate, open_lease, wait_for_leadership
 from lpmosd.models import format_ts, utcnow
 
 log = logging.getLogger("lpmosd.session")
@@ -32,7 +39,13 @@ class SessionState:
 
     role: str
     state: str = "starting"  # starting | running | restarting
+    #: "active" while this instance leads its election, "standby" while it waits.
+    leadership: str = "standby"
     lease: HeldLease | None = None
+    #: The candidate key of the current session, and since when (trio clock) it leads.
+    key: str | None = None
+    active_since: float | None = None
+    leader_changes: int = 0
     restarts: int = 0
     last_error: str | None = None
     recent_errors: list[tuple[str, str]] = field(default_factory=list)
@@ -41,6 +54,11 @@ class SessionState:
     def running(self) -> bool:
         """True while the role holds its session and its background work runs."""
         return self.state == "running"
+
+    @property
+    def active(self) -> bool:
+        """True while the role holds its session and leads its election."""
+        return self.running and self.leadership == "active"
 
     def record_error(self, message: str) -> None:
         """Remember an error for the status page (the last 20)."""
@@ -70,33 +88,49 @@ async def run_session(
     client: EtcdClient,
     state: SessionState,
     *,
-    key: str,
+    election: str,
+    fence: Fence,
     ttl: int,
     body: SessionBody,
     value: str,
+    leader_body: SessionBody | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run ``body`` under a session lease, restarting it with a fresh lease when lost.
 
-    ``body`` is started like a nursery task: the role counts as running once it reports
-    started (its views are synced and it can serve), not merely once the session key is
-    written. Reports started after the first session is up.
+    The session key is this instance's candidate key under the ``election`` prefix. ``body``
+    runs on every instance, started like a nursery task: the role counts as running once it
+    reports started (its views are synced and it can serve), not merely once the session
+    key is written. Once the candidate leads, ``fence`` holds its term and ``leader_body``
+    starts. Reports started after the first session is up, leading or not.
     """
     reported = False
     backoff = 0.2
     while True:
         try:
             async with open_lease(client, ttl) as lease:
-                await client.put(key, value, lease=lease.id)
-                state.lease = lease
+                key, revision = await nominate(client, election, lease.id, value)
+                state.lease, state.key = lease, key
                 async with open_nursery() as nursery:
                     await nursery.start(body, lease)
                     state.state = "running"
-                    log.info("session started", extra={"role": state.role, "lease": lease.id})
+                    log.info(
+                        "session started",
+                        extra={"role": state.role, "lease": lease.id, "key": key},
+                    )
                     backoff = 0.2
                     if not reported:
                         reported = True
                         task_status.started()
+                    await hooks.reach(f"{state.role}.standby")
+                    await wait_for_leadership(client, election, key, revision, lease.id)
+                    fence.hold(key.encode(), revision)
+                    state.leadership, state.active_since = "active", trio.current_time()
+                    state.leader_changes += 1
+                    log.warning("leadership won", extra={"role": state.role, "key": key})
+                    if leader_body is not None:
+                        await nursery.start(leader_body, lease)
+                    await hooks.reach(f"{state.role}.active")
         except LeaseLost as exc:
             state.restarts += 1
             state.record_error(str(exc))
@@ -105,7 +139,9 @@ async def run_session(
             state.record_error(str(exc))
             log.warning("session failed; retrying", extra={"role": state.role, "error": str(exc)})
         finally:
+            fence.release()
             state.state = "restarting" if reported else "starting"
-            state.lease = None
+            state.leadership, state.active_since = "standby", None
+            state.lease = state.key = None
         await trio.sleep(backoff * (0.5 + random.random()))
         backoff = min(backoff * 2, 5.0)

@@ -148,10 +148,18 @@ def create_agent_app(rg: Regional) -> QuartTrio:
     max_body = cfg.max_body_bytes
 
     async def readiness() -> tuple[bool, dict[str, Any]]:
-        ok = rg.session.running and rg.machines is not None
+        # A standby is not ready: a load balancer in front of two regionals sends agents
+        # to the active one.
+        ok = rg.session.active and rg.machines is not None
         # Ask etcd itself (cached ~1 s): the session notices an outage only after its TTL.
         etcd_ok, etcd = await etcd_probe(rg.client).check()
-        detail = {"role": "regional", "idc": idc, "session": rg.session.state, "etcd": etcd}
+        detail = {
+            "role": "regional",
+            "idc": idc,
+            "session": rg.session.state,
+            "leadership": rg.session.leadership,
+            "etcd": etcd,
+        }
         return ok and etcd_ok, detail
 
     install_common(
@@ -211,6 +219,10 @@ def create_agent_app(rg: Regional) -> QuartTrio:
         view = rg.machines
         if not rg.session.running or view is None:
             raise UnavailableError("regional is restarting its etcd session; retry shortly")
+        if not rg.session.active:
+            raise UnavailableError(
+                f"this regional is a standby for {idc}; use the active one (retry shortly)"
+            )
         return view
 
     async def live_lease_id(sn: str) -> int | None:

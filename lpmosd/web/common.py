@@ -16,6 +16,7 @@ from lpmosd.errors import (
     EtcdError,
     EtcdUnavailableError,
     InputError,
+    NotLeaderError,
     PayloadTooLargeError,
     UnavailableError,
     ValidationError,
@@ -154,6 +155,11 @@ def install_common(
     async def _etcd_down(exc: EtcdUnavailableError) -> Response:
         log.warning("etcd unavailable", extra={"error": str(exc)})
         return error_response(503, "etcd is unavailable; try again")
+
+    @app.errorhandler(NotLeaderError)
+    async def _not_leader(exc: NotLeaderError) -> Response:
+        log.warning("write refused: not the leader", extra={"error": str(exc)})
+        return error_response(503, f"{exc}; retry (another instance leads)")
 
     @app.errorhandler(EtcdError)
     async def _etcd_error(exc: EtcdError) -> Response:

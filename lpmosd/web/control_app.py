@@ -82,7 +82,14 @@ def create_control_app(cp: ControlPlane) -> QuartTrio:
         ok = cp.session.running and cp.view is not None
         # Ask etcd itself (cached ~1 s): the session notices an outage only after its TTL.
         etcd_ok, etcd = await etcd_probe(cp.client).check()
-        return ok and etcd_ok, {"role": "control-plane", "session": cp.session.state, "etcd": etcd}
+        # A standby control plane is ready: the API and dashboard work on every instance.
+        detail = {
+            "role": "control-plane",
+            "session": cp.session.state,
+            "leadership": cp.session.leadership,
+            "etcd": etcd,
+        }
+        return ok and etcd_ok, detail
 
     public_metrics = cp.config.metrics_public
     install_common(

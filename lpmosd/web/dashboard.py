@@ -23,6 +23,7 @@ from quart_trio import QuartTrio
 
 from lpmosd import schema
 from lpmosd.errors import EtcdError, InputError, NotFoundError, UnavailableError
+from lpmosd.etcd import leader_of
 from lpmosd.models import CreateTaskRequest, MachineMeta, Task, TaskStatus, format_ts
 from lpmosd.web.auth import (
     Role,
@@ -407,9 +408,12 @@ def install_dashboard(app: QuartTrio, cp: ControlPlane) -> LiveHub:
 
 
 def _regional_url(cp: ControlPlane, idc: str) -> str | None:
-    """The agent API URL the IDC's regional announced in its session key, if it runs."""
+    """The agent API URL the IDC's active regional announced in its session key, if any."""
     view = cp.view
-    kv = view.get(schema.idc_prefix(idc) + "regional") if view is not None else None
+    if view is None:
+        return None
+    prefix = schema.regional_election_prefix(idc)
+    kv = leader_of([kv for key, kv in list(view.items.items()) if key.startswith(prefix)])
     if kv is None:
         return None
     try:

@@ -216,6 +216,7 @@ class RoleCollector(Collector):
 
     def _session_metrics(self) -> Iterator[Metric]:
         running: dict[str, float] = {}
+        active: dict[str, float] = {}
         restarts: Counter[str] = Counter()
         remaining: dict[str, float] = {}
         for ref in list(self._sessions.values()):
@@ -223,6 +224,7 @@ class RoleCollector(Collector):
             if s is None:
                 continue
             running[s.role] = max(running.get(s.role, 0.0), 1.0 if s.running else 0.0)
+            active[s.role] = max(active.get(s.role, 0.0), 1.0 if s.active else 0.0)
             restarts[s.role] += s.restarts
             if s.lease is not None:
                 remaining[s.role] = s.lease.remaining()
@@ -232,6 +234,13 @@ class RoleCollector(Collector):
             "1 while the role holds its session lease.",
             ["role"],
             running,
+        )
+        yield _family(
+            GaugeMetricFamily,
+            "lpmosd_role_active",
+            "1 while the role leads its election (active), 0 while it is a standby.",
+            ["role"],
+            active,
         )
         yield _family(
             CounterMetricFamily,

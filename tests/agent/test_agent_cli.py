@@ -32,7 +32,7 @@ def test_wired_into_the_main_cli() -> None:
 def test_defaults() -> None:
     args = parse("agent", "--regional-url=http://localhost:8081/", "--sn=sn-001")
     assert args.handler is cli.handle
-    assert args.regional_url == "http://localhost:8081"
+    assert args.regional_url == ("http://localhost:8081",)
     assert args.sn == "sn-001"
     assert args.mac is None
     assert args.sysroot == Path("/")

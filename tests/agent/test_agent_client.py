@@ -224,3 +224,51 @@ def test_parse_plan() -> None:
 def test_parse_plan_errors(plan: object, error: str) -> None:
     with pytest.raises(PlanError, match=error):
         parse_plan(plan)
+
+
+async def test_several_regionals_move_on_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    """An IDC's active and standby regionals: an unreachable one or a standby's 503 sends
+    the call to the next URL without waiting; it waits only once every URL was tried."""
+    regional = FakeRegional()
+    regional.add_task()
+    role = {"a": "active", "b": "standby"}
+
+    async def route(request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        if role[host] == "down":
+            raise httpx.ConnectError("connection refused", request=request)
+        if role[host] == "standby":
+            return httpx.Response(503, json={"error": "this regional is a standby"})
+        return await regional.transport.handle_async_request(request)
+
+    async with AgentClient(
+        ["http://a:8081", "http://b:8081/"],
+        "sn-001",
+        retry=RetryPolicy(initial=0.5, maximum=2, total=60),
+        transport=httpx.MockTransport(route),
+    ) as c:
+        await c.register("00:1a:2b:3c:4d:5e", HW)
+        assert c.regional_url == "http://a:8081"
+        # The active one dies and the standby takes over: no wait.
+        role.update(a="down", b="active")
+        started = trio.current_time()
+        assert (await c.get_task()).task.status == "pending"
+        assert trio.current_time() == started and c.regional_url == "http://b:8081"
+        # Both unavailable for a while: then it backs off, and comes back to whichever
+        # answers first.
+        role.update(a="standby", b="down")
+
+        async def take_over() -> None:
+            await trio.sleep(5)
+            role["a"] = "active"
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(take_over)
+            assert (await c.heartbeat()).status == "pending"
+            assert 5 <= trio.current_time() - started <= 8
+        assert c.regional_url == "http://a:8081"
+
+
+def test_needs_a_regional_url() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        AgentClient([], "sn-001")

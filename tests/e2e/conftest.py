@@ -106,9 +106,11 @@ class Proc:
     url: str = ""
     #: For a control plane: the Authorization header of an admin token.
     headers: dict[str, str] = field(default_factory=dict)
+    #: Extra environment, e.g. ``LPMOSD_FAULT_AT`` (lpmosd.hooks).
+    env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         with self.log.open("ab") as out:
             out.write(f"\n--- start: {' '.join(self.argv)}\n".encode())
             out.flush()
@@ -188,10 +190,13 @@ class Cluster:
         proc.url = url
         return proc
 
-    async def start_control_plane(self) -> Proc:
+    async def start_control_plane(
+        self, name: str = "control-plane", env: dict[str, str] | None = None
+    ) -> Proc:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = self.daemon("control-plane", control_plane_toml(self.endpoints, port, self.tmp), url)
+        proc = self.daemon(name, control_plane_toml(self.endpoints, port, self.tmp), url)
+        proc.env = env or {}
         async with open_client(self.endpoints) as client:
             # Named like the guide's approver: the API records whoever authenticated.
             token = await create_token(client, Role.ADMIN, "admin@example.com")
@@ -199,10 +204,13 @@ class Cluster:
         proc.start()
         return proc
 
-    async def start_regional(self, **options: Any) -> Proc:
+    async def start_regional(
+        self, name: str = "regional", env: dict[str, str] | None = None, **options: Any
+    ) -> Proc:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = self.daemon("regional", regional_toml(self.endpoints, port, **options), url)
+        proc = self.daemon(name, regional_toml(self.endpoints, port, **options), url)
+        proc.env = env or {}
         proc.start()
         return proc
 

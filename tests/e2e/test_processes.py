@@ -27,7 +27,6 @@ from provisioning_kit import GUIDE_TASK
 from lpmosd import schema
 from lpmosd.etcd import EtcdClient, open_client
 from lpmosd.roles.control_plane import HEARTBEAT_LOST
-from lpmosd.roles.regional import session_key
 
 from .conftest import Cluster, Proc
 
@@ -116,7 +115,11 @@ async def test_guide_flow_in_processes(cluster: Cluster) -> None:
         assert await agent.wait(30) == 0, cluster.tails()
 
         snapshot = await client.get_prefix("/os/dc1/")
-        keys = {kv.key.decode(): kv for kv in snapshot.kvs}
+        election = schema.regional_election_prefix(IDC)
+        keys = {
+            kv.key.decode(): kv for kv in snapshot.kvs if not kv.key.decode().startswith(election)
+        }
+        assert len(snapshot.kvs) == len(keys) + 1, "the regional's candidate key is there too"
         assert set(keys) == {
             "/os/dc1/servers/sn-001",
             "/os/dc1/machines/sn-001/task",
@@ -124,7 +127,6 @@ async def test_guide_flow_in_processes(cluster: Cluster) -> None:
             # The agent's credentials stay, hashed, and are dead with the task.
             "/os/dc1/machines/sn-001/enrolment",
             "/os/dc1/machines/sn-001/agent-token",
-            session_key(IDC),
         }, "the lease key goes with completion"
 
         server = json.loads(keys["/os/dc1/servers/sn-001"].value)
@@ -371,7 +373,8 @@ async def test_regional_restart_mid_install_fails_nothing_ttl_30s(cluster: Clust
 async def test_run_stops_cleanly_on_sigterm(cluster: Cluster) -> None:
     cp, rg = await start_roles(cluster)
     async with open_client(cluster.endpoints) as client:
-        assert await client.get(session_key(IDC)) is not None
+        election = schema.regional_election_prefix(IDC)
+        assert len((await client.get_prefix(election)).kvs) == 1
         for proc in (rg, cp):
             t0 = trio.current_time()
             proc.send_signal(signal.SIGTERM)
@@ -381,5 +384,5 @@ async def test_run_stops_cleanly_on_sigterm(cluster: Cluster) -> None:
             assert took < 5, f"{proc.name} took {took:.1f}s to stop"
             assert "Traceback" not in proc.log.read_text(), proc.tail()
         # Graceful: the sessions were revoked, not left to expire.
-        assert await client.get(session_key(IDC)) is None
+        assert (await client.get_prefix(election)).kvs == []
         assert (await client.get_prefix("/os/_control-plane/")).kvs == []

@@ -8,16 +8,26 @@ finished, cancelled and deleted tasks are left alone; a delete the watch never d
 
 from __future__ import annotations
 
+import httpx
 import pytest
 import trio
-from provisioning_kit import GUIDE_TASK, HARDWARE, keyspace, make_config, open_daemon, open_proxy
+from fault_table import record
+from provisioning_kit import (
+    GUIDE_TASK,
+    HARDWARE,
+    keyspace,
+    make_config,
+    open_daemon,
+    open_proxy,
+    wait_for,
+)
 
-from lpmosd import schema
+from lpmosd import hooks, schema
 from lpmosd.config import ROLE_CONTROL_PLANE
-from lpmosd.etcd import EtcdClient, open_client
+from lpmosd.etcd import EtcdClient, candidate_key, open_client
 from lpmosd.etcd_process import EtcdProcess
 from lpmosd.models import CreateTaskRequest, MachineMeta, TaskStatus, utcnow
-from lpmosd.roles.control_plane import HEARTBEAT_LOST, SESSION_PREFIX, session_value_host
+from lpmosd.roles.control_plane import HEARTBEAT_LOST
 from lpmosd.store import Store
 
 S = TaskStatus
@@ -180,7 +190,7 @@ async def test_reaper_works_across_a_session_restart(
         cp = daemon.control_plane
         assert cp is not None and cp.session.lease is not None
         old_lease, old_view = cp.session.lease.id, cp.view
-        kv = await client.get(SESSION_PREFIX + session_value_host())
+        kv = await client.get(candidate_key(schema.CONTROL_PLANE_ELECTION, old_lease))
         assert kv is not None and kv.lease == old_lease
         await client.lease_revoke(old_lease)
         with trio.fail_after(10):
@@ -192,3 +202,71 @@ async def test_reaper_works_across_a_session_restart(
         t0 = trio.current_time()
         await client.delete(schema.lease_key(IDC, "sn-001"))
         assert await wait_status(store, "sn-001", S.FAILED) - t0 < 1.0
+
+
+async def test_two_control_planes_one_reaps_and_a_paused_leader_writes_nothing(
+    etcd: EtcdProcess, store: Store, client: EtcdClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both serve the API; only the leader reaps. A leader "paused" (its reaper held at a
+    named point, shielded from cancellation like a stopped process) past the loss of its
+    lease sends its reap when it resumes: etcd refuses it, the new leader reaps instead."""
+    config = make_config(etcd.endpoints, roles=CP_ONLY)
+    async with open_daemon(config) as d1:
+        first = d1.control_plane
+        assert first is not None
+        await wait_for(lambda: first.session.active, what="first leads")
+        async with open_daemon(config) as d2:
+            second = d2.control_plane
+            assert second is not None
+            await wait_for(lambda: second.view is not None, what="second serves")
+            assert second.session.running and second.session.leadership == "standby"
+            async with httpx.AsyncClient() as http:
+                for daemon, leadership in ((d1, "active"), (d2, "standby")):
+                    r = await http.get(daemon.urls["control-plane"] + "/readyz")
+                    assert r.status_code == 200, "the API works on every instance"
+                    assert r.json()["leadership"] == leadership
+
+            await setup_task(store, client, "sn-001", S.INSTALLING)
+            await client.delete(schema.lease_key(IDC, "sn-001"))
+            await wait_status(store, "sn-001", S.FAILED)
+            await wait_for(lambda: first.reaped == 1, what="the leader's count")
+            assert second.reaped == 0
+
+            await setup_task(store, client, "sn-002", S.INSTALLING)
+            old_lease = first.session.lease
+            assert old_lease is not None
+            paused: list[int] = []
+            entered: list[bool] = []
+
+            async def pause() -> None:
+                if entered:
+                    return  # the new leader's reaper passes the same point
+                entered.append(True)
+                with trio.CancelScope(shield=True):
+                    await client.lease_revoke(old_lease.id)
+                    await wait_for(lambda: second.session.active, what="second leads")
+                    await wait_for(lambda: second.reaped == 1, what="the new leader reaps")
+                    paused.append((await client.get_prefix(schema.ROOT)).revision)
+
+            with hooks.install("reaper.before-fail", pause):
+                await client.delete(schema.lease_key(IDC, "sn-002"))
+                await wait_for(lambda: first.session.restarts == 1, what="first restarts")
+                await wait_for(lambda: first.session.running, what="first back")
+            assert first.session.leadership == "standby"
+            assert (first.reaped, second.reaped) == (1, 1), "the new leader reaped sn-002"
+            writes = [
+                kv.key
+                for kv in (await client.get_prefix(schema.ROOT)).kvs
+                if kv.mod_revision > paused[0]
+                and not kv.key.startswith(schema.CONTROL_PLANE_ELECTION.encode())
+            ]
+            assert writes == [], "the paused leader wrote after losing its leadership"
+            # It did send its reap: etcd refused it on the fence.
+            refused = [r for r in caplog.records if r.getMessage() == "reap refused"]
+            assert refused and "lost the leadership" in refused[0].__dict__["error"]
+            history = (await store.get_task(IDC, "sn-002")).task.status_history
+            assert [h.status for h in history].count(S.FAILED) == 1
+    record(
+        "control-plane leader's reap held past its lease (2 control planes)",
+        "the standby took over and reaped; the old leader's fenced Txn was refused: 0 writes",
+    )

@@ -19,12 +19,18 @@ from provisioning_kit import GUIDE_TASK, make_config, open_daemon, register_agen
 from lpmosd import schema
 from lpmosd.config import ROLE_REGIONAL
 from lpmosd.daemon import Daemon
-from lpmosd.etcd import EtcdClient, open_client
+from lpmosd.etcd import EtcdClient, candidate_key, open_client
 from lpmosd.etcd_process import EtcdProcess
 from lpmosd.models import CreateTaskRequest
-from lpmosd.roles.regional import Regional, session_key
+from lpmosd.roles.regional import Regional
 from lpmosd.store import Store
 from lpmosd.view import PrefixView
+
+
+def session_key(lease_id: int) -> str:
+    """The regional's session key: its candidacy in dc1's election."""
+    return candidate_key(schema.regional_election_prefix("dc1"), lease_id)
+
 
 RG_ONLY = frozenset({ROLE_REGIONAL})
 SN, MAC = "sn-001", "00:1a:2b:3c:4d:5e"
@@ -76,7 +82,7 @@ async def test_revoked_session_lease_restarts_the_role_cleanly(
         old_views: list[PrefixView] = [v for v in (rg.servers, rg.machines) if v is not None]
         assert old_lease is not None and len(old_views) == 2
         assert all(tasks_running_for(v) for v in old_views), "views run in the session"
-        kv = await client.get(session_key("dc1"))
+        kv = await client.get(session_key(old_lease.id))
         assert kv is not None and kv.lease == old_lease.id
 
         await client.lease_revoke(kv.lease)
@@ -84,7 +90,7 @@ async def test_revoked_session_lease_restarts_the_role_cleanly(
         await wait_for(lambda: rg.session.restarts == 1 and rg.session.running, what="restart")
         new_lease = rg.session.lease
         assert new_lease is not None and new_lease.id != old_lease.id
-        kv = await client.get(session_key("dc1"))
+        kv = await client.get(session_key(new_lease.id))
         assert kv is not None and kv.lease == new_lease.id
         assert rg.machines is not None and rg.machines not in old_views
         for view in old_views:
@@ -156,7 +162,7 @@ async def test_frozen_etcd_expires_session_503_then_recovers(
             assert tasks_running_for(old_machines) == []
             # etcd expired the old lease; the session key rides on the new one.
             assert await client.lease_time_to_live(old_lease.id) is None
-            kv = await client.get(session_key("dc1"))
+            kv = await client.get(session_key(new_lease.id))
             assert kv is not None and kv.lease == new_lease.id
             r = await http.get(f"/api/v1/agent/{SN}/task")
             assert r.status_code == 200, r.text

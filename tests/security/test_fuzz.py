@@ -577,7 +577,9 @@ def control_key_allowed(key: str) -> bool:
 def agent_key_allowed(key: str) -> bool:
     """The agent API writes only its own IDC's machines and servers."""
     parsed = schema.parse_key(key)
-    return (parsed is not None and parsed.idc == "dc1") or key == "/os/dc1/regional"
+    return (parsed is not None and parsed.idc == "dc1") or key.startswith(
+        schema.regional_election_prefix("dc1")
+    )
 
 
 CONTROL_NAMES = {
