@@ -64,8 +64,10 @@ AGENT_DISTRIBUTIONS: Final = (
 #: Kernel module trees kept (relative to lib/modules/<version>/kernel); the rest goes.
 KEPT_MODULES: Final = (
     "arch",
+    "block",
     "crypto",
     "lib",
+    "virt",
     "fs/ext4",
     "fs/jbd2",
     "fs/mbcache.ko",
@@ -74,6 +76,7 @@ KEPT_MODULES: Final = (
     "fs/efivarfs",
     "drivers/ata",
     "drivers/block",
+    "drivers/cdrom",
     "drivers/scsi",
     "drivers/nvme",
     "drivers/md",
