@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     register_image(sub)
 
     register_token(sub)
+
+    from lpmosd.etcd_cli import register as register_etcd
+
+    register_etcd(sub)
     return parser
 
 

@@ -145,6 +145,9 @@ class ControlPlaneConfig:
     tls_key_file: Path | None = None
     max_body_bytes: int = _DEFAULT_MAX_BODY
     metrics_public: bool = True
+    #: Seconds between etcd compactions, each to the revision seen one interval earlier
+    #: (the Kubernetes API server's scheme); 0 turns compaction off.
+    compaction_interval: float = 300.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -502,10 +505,24 @@ def _parse_control_plane(value: object, path: str, base: Path) -> ControlPlaneCo
     sec = _Section(
         value,
         path,
-        ("listen", "port", "tls_cert_file", "tls_key_file", "max_body_bytes", "metrics_public"),
+        (
+            "listen",
+            "port",
+            "tls_cert_file",
+            "tls_key_file",
+            "max_body_bytes",
+            "metrics_public",
+            "compaction_interval",
+        ),
     )
     cert, key = _listener_tls(sec, base)
+    compaction = _number(
+        sec.get("compaction_interval", 300.0), sec.key("compaction_interval"), 0, 86_400
+    )
+    if 0 < compaction < 1:
+        raise ConfigError(sec.key("compaction_interval"), "must be 0 (off) or at least 1 second")
     return ControlPlaneConfig(
+        compaction_interval=compaction,
         listen=_host(sec.get("listen", "0.0.0.0"), sec.key("listen")),
         port=_integer(sec.get("port", 8080), sec.key("port"), 1, 65535),
         tls_cert_file=cert,

@@ -16,7 +16,8 @@
         ├── EtcdUnavailableError no endpoint answered (retryable)
         ├── EtcdAuthError        etcd refused our credentials or permissions
         ├── EtcdRequestError     etcd rejected the request (too many ops, too large, ...)
-        │   └── LeaseNotFoundError  the lease does not exist (expired or revoked)
+        │   ├── LeaseNotFoundError  the lease does not exist (expired or revoked)
+        │   └── EtcdNoSpaceError    etcd's NOSPACE alarm: writes refused until an operator acts
         ├── CompactedError       the requested revision was compacted: relist
         ├── ContentionError      atomic_update gave up after its retry bound
         ├── LeaseLost            a lease we held expired, was revoked, or lost keepalive
@@ -111,6 +112,22 @@ class EtcdRequestError(EtcdError):
 
 class LeaseNotFoundError(EtcdRequestError):
     """The lease does not exist (any more): it expired or was revoked."""
+
+
+#: What an operator must do about a NOSPACE alarm (error messages, readyz, README).
+NOSPACE_HELP = (
+    "etcd is out of space (NOSPACE alarm) and refuses writes: compact its history, "
+    "defragment every member (lpmosd etcd defrag), then disarm the alarm "
+    "(etcdctl alarm disarm); lpmosd resumes by itself"
+)
+
+
+class EtcdNoSpaceError(EtcdRequestError):
+    """etcd's database reached its quota (NOSPACE alarm): every write is refused until an
+    operator compacts, defragments and disarms. Not retryable by the caller."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(f"{NOSPACE_HELP} ({detail})" if detail else NOSPACE_HELP)
 
 
 class CompactedError(EtcdError):

@@ -43,3 +43,13 @@ ACTIVE_LEASES = Gauge(
     "Leases this process keeps alive.",
     registry=REGISTRY,
 )
+ETCD_COMPACTIONS = Counter(
+    "lpmosd_etcd_compactions_total",
+    "etcd history compactions this process made (see lpmosd.compaction).",
+    registry=REGISTRY,
+)
+ETCD_COMPACTED_REVISION = Gauge(
+    "lpmosd_etcd_compacted_revision",
+    "The revision this process last compacted etcd's history to.",
+    registry=REGISTRY,
+)

@@ -42,6 +42,7 @@ __all__ = [
     "MAX_LOG_LINE_CHARS",
     "MAX_PROGRESS_MESSAGE_CHARS",
     "MAX_PROGRESS_STEPS",
+    "MAX_TASK_OPS",
     "STEP_RE",
     "TERMINAL",
     "TRANSITIONS",
@@ -78,6 +79,7 @@ __all__ = [
     "sanitize_text",
     "transition",
     "utcnow",
+    "valid_op_id",
 ]
 
 # --------------------------------------------------------------------------- limits
@@ -532,6 +534,7 @@ _TASK_EXTRAS: Final = (
     "logs_dropped",
     "resume_from",
     "error",
+    "ops",
     "ssh_authorized_keys",
     "first_boot_at",
 )
@@ -561,6 +564,9 @@ def parse_ssh_keys(f: _Fields, key: str) -> tuple[str, ...]:
             )
         out.append(line)
     return tuple(out)
+#: Operation ids a task document remembers (see :attr:`Task.ops`).
+MAX_TASK_OPS: Final = 16
+_OP_ID_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,80}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -595,6 +601,22 @@ class Task(_Document):
     ssh_authorized_keys: tuple[str, ...] = ()
     #: When the installed system reported its first boot ("deployed means booted").
     first_boot_at: datetime | None = None
+    #: Ids of the latest writes applied to this document (oldest first, at most
+    #: MAX_TASK_OPS). A writer whose outcome was ambiguous looks for its id here rather
+    #: than comparing values, so a write is never applied twice. Stored, not shown by
+    #: the API (:meth:`to_dict`).
+    ops: tuple[str, ...] = ()
+
+    def with_op(self, op_id: str) -> Self:
+        """This task with ``op_id`` remembered as applied."""
+        return replace(self, ops=(*self.ops, op_id)[-MAX_TASK_OPS:])
+
+    def to_json(self) -> bytes:
+        """The stored document: the API's fields plus the operation ids."""
+        d = self.to_dict()
+        if self.ops:
+            d["ops"] = list(self.ops)
+        return _dump_json(d)
 
     def to_dict(self) -> dict[str, Any]:
         """The guide's field order, then our extras."""
@@ -664,7 +686,22 @@ class Task(_Document):
             error=f.get_opt_str("error"),
             ssh_authorized_keys=parse_ssh_keys(f, "ssh_authorized_keys"),
             first_boot_at=None if first_boot_raw is None else f.get_ts("first_boot_at"),
+            ops=_parse_ops(f.get_list("ops", max_items=MAX_TASK_OPS) if f.has("ops") else []),
         )
+
+
+def _parse_ops(raw: list[object]) -> tuple[str, ...]:
+    ops: list[str] = []
+    for i, op in enumerate(raw):
+        if not isinstance(op, str) or not _OP_ID_RE.fullmatch(op):
+            raise ValidationError(f"ops[{i}] must be an operation id", field=f"ops[{i}]")
+        ops.append(op)
+    return tuple(ops)
+
+
+def valid_op_id(value: str) -> bool:
+    """Whether ``value`` can be an operation id (1-80 of letters, digits, ``_.:-``)."""
+    return _OP_ID_RE.fullmatch(value) is not None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

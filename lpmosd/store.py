@@ -67,6 +67,11 @@ def new_task_id() -> str:
     return f"task-{secrets.token_hex(6)}"
 
 
+def new_op_id() -> str:
+    """A fresh operation id for one task write (see :attr:`lpmosd.models.Task.ops`)."""
+    return secrets.token_hex(8)
+
+
 def load_task(kv: KeyValue, idc: str, sn: str) -> Task:
     """The task document stored in ``kv``.
 
@@ -269,25 +274,37 @@ class Store:
         current: KeyValue | None = None,
         also: Callable[[Task], Sequence[Op]] | None = None,
         guards: Sequence[Compare] = (),
+        op_id: str | None = None,
     ) -> StoredTask:
         """Apply ``fn`` to the task in a CAS loop; the server entry follows in the same Txn.
 
         ``current`` is a cached KeyValue of the task (saves a read when fresh). ``also``
         adds ops for the same Txn; ``guards`` add compares (when one fails and the task
         itself is unchanged, ConflictError).
+
+        The write carries ``op_id`` (a fresh one by default) in the document: when it is
+        found there already — this write went through but its answer was lost, possibly
+        on an earlier request that a client repeats with the same id — ``fn`` is not
+        applied again and the task is returned as it is.
         """
         task_key = schema.task_key(idc, sn)
         server_key = schema.server_key(idc, sn)
         result_task: list[Task] = []
+        op = op_id or new_op_id()
 
         def step(kv: KeyValue | None) -> Write | None:
             if kv is None:
                 raise NotFoundError(f"no task for server {sn} in {idc}", field="sn")
             old = load_task(kv, idc, sn)
+            if op in old.ops:
+                result_task[:] = [old]
+                return None  # already applied
             new = fn(old)
             result_task[:] = [new]
             if new is old:
                 return None  # nothing to change: write nothing
+            new = new.with_op(op)
+            result_task[:] = [new]
             entry = ServerEntry.for_task(new)
             extra = list(also(new)) if also else []
             return Write(new.to_json(), (put(server_key, entry.to_json()), *extra), guards)
@@ -454,11 +471,13 @@ class Store:
     ) -> StoredTask | None:
         """Fail the task if its status is in ``only_if``; None when it was not (left alone)."""
         now = self.clock()
-        skipped: list[bool] = []
+        # The update function may run several times (CAS retries, a re-read after a stale
+        # hint): only its last decision counts, so each run overwrites it.
+        skipped = [False]
 
         def fn(t: Task) -> Task:
-            if t.status not in only_if:
-                skipped.append(True)
+            skipped[0] = t.status not in only_if
+            if skipped[0]:
                 return t
             return models.fail(t, reason, now=now, actor=actor)
 
@@ -466,7 +485,7 @@ class Store:
             stored = await self.update_task(idc, sn, fn, guards=guards, current=current)
         except (NotFoundError, ConflictError):
             return None
-        return None if skipped[-1:] == [True] else stored
+        return None if skipped[0] else stored
 
     async def delete_task(self, idc: str, sn: str) -> None:
         """Delete a finished task with its server entry, meta and lease key (one Txn).
@@ -550,6 +569,7 @@ class Store:
         percent: int,
         message: str,
         current: KeyValue | None = None,
+        op_id: str | None = None,
     ) -> StoredTask:
         """One progress report (approved → installing on the first)."""
         now = self.clock()
@@ -558,6 +578,7 @@ class Store:
             sn,
             lambda t: models.record_progress(t, step, percent, message, now=now),
             current=current,
+            op_id=op_id,
         )
 
     async def append_logs(
@@ -568,6 +589,7 @@ class Store:
         *,
         level: models.LogLevel = "INFO",
         current: KeyValue | None = None,
+        op_id: str | None = None,
     ) -> StoredTask:
         """Append agent log lines to the task (capped)."""
         now = self.clock()
@@ -577,7 +599,7 @@ class Store:
                 raise ConflictError(f"task of {sn} is {t.status}", field="status")
             return models.append_logs(t, lines, level=level, now=now)
 
-        return await self.update_task(idc, sn, fn, current=current)
+        return await self.update_task(idc, sn, fn, current=current, op_id=op_id)
 
     async def finish(
         self,
@@ -587,6 +609,7 @@ class Store:
         outcome: TaskStatus,
         reason: str = "",
         current: KeyValue | None = None,
+        op_id: str | None = None,
     ) -> StoredTask:
         """The agent reports completed or failed; its lease key goes in the same Txn."""
         now = self.clock()
@@ -602,4 +625,5 @@ class Store:
             fn,
             current=current,
             also=lambda t: (delete(schema.lease_key(idc, sn)),),
+            op_id=op_id,
         )

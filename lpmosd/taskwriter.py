@@ -17,9 +17,10 @@ updates and writes them in few Txns:
   newer.
 
 A batch whose compares do not all hold changes nothing; its failure branch reads every
-task of the batch, so the stale ones are refreshed from that answer and the whole batch is
-retried (bounded, as ``atomic_update``). An update function that refuses (an
-:class:`~lpmosd.errors.InputError`) is re-decided on fresh data through
+task of the batch, so the stale ones are refreshed from that answer and requeued (bounded
+attempts, as ``atomic_update``), while the tasks whose compares held are sent again at
+once, not charged an attempt: one contended task never holds back the rest. An update
+function that refuses (an :class:`~lpmosd.errors.InputError`) is re-decided on fresh data through
 :meth:`Store.update_task`, since a watch cache may lag behind an operator's change. A few
 Txns are kept in flight at once; a task is never in two of them.
 
@@ -40,7 +41,7 @@ from lpmosd.errors import ContentionError, EtcdUnavailableError, InputError, Not
 from lpmosd.etcd import Compare, KeyValue, Op, RangeResult, get, put
 from lpmosd.etcd.txn import MAX_TXN_OPS
 from lpmosd.models import ServerEntry, Task
-from lpmosd.store import Store, StoredTask
+from lpmosd.store import Store, StoredTask, new_op_id
 
 log = logging.getLogger("lpmosd.taskwriter")
 
@@ -57,6 +58,8 @@ class _Pending:
     idc: str
     sn: str
     fn: TaskFn
+    #: Recorded in the document with the change (see :attr:`lpmosd.models.Task.ops`).
+    op_id: str = field(default_factory=new_op_id)
     done: trio.Event = field(default_factory=trio.Event)
     result: StoredTask | None = None
     error: BaseException | None = None
@@ -137,20 +140,27 @@ class TaskWriter:
     # --- writes --------------------------------------------------------------------------
 
     async def update(
-        self, idc: str, sn: str, fn: TaskFn, *, current: KeyValue | None = None
+        self,
+        idc: str,
+        sn: str,
+        fn: TaskFn,
+        *,
+        current: KeyValue | None = None,
+        op_id: str | None = None,
     ) -> StoredTask:
         """Apply ``fn`` to the task of ``sn`` in a batched CAS; see the module docstring.
 
         Without ``current`` and no write of ours to go by, or while :meth:`run` is not
-        running, this is :meth:`Store.update_task` (read, then CAS).
+        running, this is :meth:`Store.update_task` (read, then CAS). ``op_id`` as there.
         """
         key = schema.task_key(idc, sn)
         self._note(key, current)
+        op = op_id or new_op_id()
         if not self._running or key not in self._kv:
-            stored = await self.store.update_task(idc, sn, fn, current=current)
+            stored = await self.store.update_task(idc, sn, fn, current=current, op_id=op)
             self._note(key, stored.kv)
             return stored
-        pending = _Pending(idc, sn, fn)
+        pending = _Pending(idc, sn, fn, op)
         self._queues.setdefault(key, []).append(pending)
         self._wakeup.set()
         try:
@@ -176,6 +186,7 @@ class TaskWriter:
         percent: int,
         message: str,
         current: KeyValue | None = None,
+        op_id: str | None = None,
     ) -> StoredTask:
         """:meth:`Store.record_progress`, batched."""
         now = self.store.clock()
@@ -184,6 +195,7 @@ class TaskWriter:
             sn,
             lambda t: models.record_progress(t, step, percent, message, now=now),
             current=current,
+            op_id=op_id,
         )
 
     # --- the flusher ---------------------------------------------------------------------
@@ -250,8 +262,13 @@ class TaskWriter:
             task = base
             applied: list[tuple[_Pending, Task]] = []
             for p in pendings:
+                if p.op_id in task.ops:
+                    applied.append((p, task))  # applied before (a repeated request)
+                    continue
                 try:
                     new = p.fn(task)
+                    if new is not task:
+                        new = new.with_op(p.op_id)
                 except InputError:
                     refused.append(p)  # decide again on fresh data, outside the batch
                     continue
@@ -280,7 +297,7 @@ class TaskWriter:
             await self._write(writes)
         for p in refused:
             try:
-                stored = await self.store.update_task(p.idc, p.sn, p.fn)
+                stored = await self.store.update_task(p.idc, p.sn, p.fn, op_id=p.op_id)
             except Exception as exc:
                 p.finish(error=exc)
             else:
@@ -288,6 +305,14 @@ class TaskWriter:
                 p.finish(stored)
 
     async def _write(self, writes: list[_Write]) -> None:
+        # Each round that fails drops at least one task (its compare failed, or it is gone),
+        # so the tasks whose compares held are re-sent at once, uncharged, until they commit.
+        while writes:
+            writes = await self._write_once(writes)
+
+    async def _write_once(self, writes: list[_Write]) -> list[_Write]:
+        """One Txn of ``writes``; those that only failed because another task's compare
+        did (to send again as they are)."""
         compares = [Compare.mod_revision(w.key, "==", w.old.mod_revision) for w in writes]
         ops = [op for w in writes for op in w.ops]
         await hooks.reach("writer.before-txn")
@@ -295,19 +320,20 @@ class TaskWriter:
             r = await self.store.txn(compares, ops, [get(w.key) for w in writes])
         except EtcdUnavailableError as exc:
             await self._settle_ambiguous(writes, exc)
-            return
+            return []
         except Exception as exc:
             log.warning("batch of task writes failed", extra={"error": str(exc)})
             for w in writes:
                 for p, _ in w.applied:
                     p.finish(error=exc)
-            return
+            return []
         self.txns += 1
         if r.succeeded:
             for w in writes:
                 self._committed(w, r.revision)
-            return
+            return []
         retry: dict[str, list[_Pending]] = {}
+        held: list[_Write] = []
         for w, got in zip(writes, r.responses, strict=True):
             assert isinstance(got, RangeResult)
             fresh = got.kvs[0] if got.kvs else None
@@ -319,12 +345,15 @@ class TaskWriter:
                 for p, _ in w.applied:
                     p.finish(error=err)
                 continue
-            if fresh.mod_revision != w.old.mod_revision:
-                self.conflicts += 1
-                metrics.CAS_RETRIES.inc()
-                self._kv[w.key] = fresh
+            if fresh.mod_revision == w.old.mod_revision:
+                held.append(w)  # its compare held: not its conflict
+                continue
+            self.conflicts += 1
+            metrics.CAS_RETRIES.inc()
+            self._kv[w.key] = fresh
             retry[w.key] = [p for p, _ in w.applied]
         self._requeue(retry)
+        return held
 
     def _committed(self, w: _Write, revision: int) -> None:
         new_kv = KeyValue(
@@ -354,14 +383,23 @@ class TaskWriter:
         for w, got in zip(writes, r.responses, strict=True):
             assert isinstance(got, RangeResult)
             fresh = got.kvs[0] if got.kvs else None
-            if (
-                fresh is not None
-                and fresh.value == w.value
-                and fresh.mod_revision > w.old.mod_revision
-            ):
+            self._note(w.key, fresh)
+            if fresh is not None and fresh.value == w.value:
                 self._committed(w, fresh.mod_revision)
                 continue
-            self._note(w.key, fresh)
+            # Changed since (by us or another writer)? The operation ids say whether our
+            # write is in it: the whole write went in one Txn, so its last id tells.
+            base_ops = self.task_of(w.old).ops
+            mine = [p.op_id for p, _ in w.applied if p.op_id not in base_ops][-1]
+            try:
+                task = self.task_of(fresh) if fresh is not None else None
+            except InputError:
+                task = None
+            if fresh is not None and task is not None and mine in task.ops:
+                self.updates += len(w.applied)
+                for p, _ in w.applied:
+                    p.finish(StoredTask(task, fresh.mod_revision, fresh))
+                continue
             retry[w.key] = [p for p, _ in w.applied]
         self._requeue(retry)
 

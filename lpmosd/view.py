@@ -52,7 +52,14 @@ class PrefixView:
         return self.items.get(key)
 
     def observe(self, kv: KeyValue) -> None:
-        """Apply a write we made ourselves, so the cache is fresh before the watch catches up."""
+        """Apply a write we made ourselves, so the cache is fresh before the watch catches up.
+
+        A write at or below the view's revision is already reflected (the watch applied it,
+        or something newer, a delete included): taking it again would resurrect a key the
+        watch has deleted, until the next relist.
+        """
+        if kv.mod_revision <= self.revision:
+            return
         key = kv.key.decode(errors="replace")
         old = self.items.get(key)
         if old is None or old.mod_revision < kv.mod_revision:

@@ -12,11 +12,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from provisioning_kit import GUIDE_TASK, HARDWARE, keyspace
+import trio
+from provisioning_kit import GUIDE_TASK, HARDWARE, keyspace, open_proxy, wait_for
 
 from lpmosd import schema
 from lpmosd.errors import ConflictError, InputError, NotFoundError
-from lpmosd.etcd import EtcdClient
+from lpmosd.etcd import EtcdClient, open_client
+from lpmosd.etcd_process import EtcdProcess
 from lpmosd.models import (
     MAX_LOG_LINES,
     CreateTaskRequest,
@@ -26,7 +28,7 @@ from lpmosd.models import (
     TaskStatus,
     utcnow,
 )
-from lpmosd.store import HARDWARE_STEP, Store, lease_value
+from lpmosd.store import HARDWARE_STEP, Store, StoredTask, lease_value
 
 IDC, SN, MAC = "dc1", "sn-001", "00:1a:2b:3c:4d:5e"
 S = TaskStatus
@@ -230,6 +232,91 @@ async def test_reaper_fail_respects_only_if(store: Store, client: EtcdClient) ->
     before = await keyspace(client)
     assert await store.fail(IDC, SN, "agent heartbeat lost", actor="reaper") is None
     assert await keyspace(client) == before
+
+
+async def test_fail_reports_the_last_decision_when_its_function_runs_again(
+    store: Store, client: EtcdClient, etcd: EtcdProcess
+) -> None:
+    """``atomic_update`` re-runs the function on fresh data when a turn-taking hint said
+    "nothing to do": Store.fail must report what the last run decided (review finding,
+    issue 15: a stale "skipped" from the first run made it return None after failing).
+
+    Fault at a named point: our first fail's answer is held at a proxy (applied in etcd)
+    while a second fail queues behind it on the key and another client retries the task;
+    the second fail's hint (failed) is then stale, the fresh read says approved."""
+    await drive_to(store, client, S.INSTALLING)
+    async with (
+        open_proxy(etcd.client_port) as proxy,
+        open_client([proxy.endpoint]) as slow,
+    ):
+        slow_store = Store(slow)
+        key = schema.task_key(IDC, SN).encode()
+        results: dict[str, object] = {}
+
+        installing = (await store.get_task(IDC, SN)).kv
+
+        async def first() -> None:
+            results["first"] = await slow_store.fail(
+                IDC, SN, "one", actor="reaper", current=installing
+            )
+
+        async def second() -> None:
+            results["second"] = await slow_store.fail(IDC, SN, "two", actor="reaper")
+
+        async with trio.open_nursery() as nursery:
+            proxy.hold_responses()
+            nursery.start_soon(first)
+
+            async def applied() -> bool:
+                return (await store.get_task(IDC, SN)).task.status is S.FAILED
+
+            await wait_for(applied, what="first fail applied")
+            await store.retry(IDC, SN, actor="op")  # failed -> approved, behind its back
+            nursery.start_soon(second)
+            await wait_for(lambda: slow._update_gates[key].users == 2, what="second queued")
+            proxy.heal()
+    assert results["first"] is not None
+    second_result = results["second"]
+    task = await assert_consistent(client)
+    assert task.status is S.FAILED and task.error == "two"
+    assert isinstance(second_result, StoredTask) and second_result.task.error == "two"
+
+
+async def test_an_ambiguous_write_is_recognised_by_its_operation_id(
+    store: Store, client: EtcdClient, etcd: EtcdProcess
+) -> None:
+    """Our write is applied but its answer is lost, and another writer changes the task
+    before we look again: the operation id in the document shows ours went through, so it
+    is not applied a second time (review finding, issue 15: values were compared, and the
+    log line was appended twice)."""
+    await drive_to(store, client, S.INSTALLING)
+    async with (
+        open_proxy(etcd.client_port) as proxy,
+        open_client([proxy.endpoint]) as slow,
+    ):
+        slow_store = Store(slow)
+        current = (await store.get_task(IDC, SN)).kv
+        results: list[StoredTask] = []
+
+        async def mine() -> None:
+            results.append(await slow_store.append_logs(IDC, SN, ["mine"], current=current))
+
+        async with trio.open_nursery() as nursery:
+            proxy.hold_responses()
+            nursery.start_soon(mine)
+
+            async def applied() -> bool:
+                task = (await store.get_task(IDC, SN)).task
+                return any(line.endswith("mine") for line in task.logs)
+
+            await wait_for(applied, what="our write applied")
+            await store.append_logs(IDC, SN, ["other"])  # another writer, after ours
+            proxy.cut()  # our answer is lost: an ambiguous outcome
+            proxy.heal()
+    task = await assert_consistent(client)
+    lines = [line.rsplit("] ", 1)[-1] for line in task.logs]
+    assert lines.count("mine") == 1 and lines.count("other") == 1
+    assert results and any(line.endswith("mine") for line in results[0].task.logs)
 
 
 async def test_stale_cached_task_does_not_cause_false_conflict(

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import trio
+from provisioning_kit import open_proxy, wait_for
 
-from lpmosd import schema
+from lpmosd import models, schema
 from lpmosd.errors import ConflictError, NotFoundError
-from lpmosd.etcd import EtcdClient, KeyValue
+from lpmosd.etcd import EtcdClient, KeyValue, open_client
+from lpmosd.etcd_process import EtcdProcess
 from lpmosd.models import CreateTaskRequest, TaskStatus
 from lpmosd.store import Store
 from lpmosd.taskwriter import TaskWriter
@@ -103,6 +106,80 @@ async def test_stale_cache_is_retried_not_lost(client: EtcdClient) -> None:
     task = (await store.get_task(IDC, "sn-000")).task
     assert {(p.step, p.percent) for p in task.progress} == {("other", 10), ("mine", 20)}
     assert writer.conflicts == 1
+
+
+async def test_one_contended_task_does_not_hold_back_the_rest_of_its_batch(
+    client: EtcdClient,
+) -> None:
+    """A failed compare of one task retries that task only: the others of the batch commit
+    at once and are not charged an attempt (review finding, issue 15)."""
+    store = Store(client)
+    kvs = await _approved(store, 3)
+    # Somebody else writes sn-000 after our cache was filled: its compare will fail.
+    await store.record_progress(IDC, "sn-000", step="other", percent=10, message="")
+    writer = TaskWriter(store, max_attempts=1)  # a single conflict is fatal to an update
+    outcomes: dict[str, object] = {}
+
+    async def report(i: int) -> None:
+        sn = f"sn-{i:03d}"
+        try:
+            await writer.record_progress(
+                IDC, sn, step="mine", percent=20, message="", current=kvs[i]
+            )
+        except Exception as exc:
+            outcomes[sn] = type(exc).__name__
+        else:
+            outcomes[sn] = "ok"
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        async with trio.open_nursery() as senders:
+            for i in range(3):
+                senders.start_soon(report, i)
+        nursery.cancel_scope.cancel()
+    assert outcomes == {"sn-000": "ContentionError", "sn-001": "ok", "sn-002": "ok"}
+    for sn in ("sn-001", "sn-002"):
+        task = (await store.get_task(IDC, sn)).task
+        assert [(p.step, p.percent) for p in task.progress] == [("mine", 20)]
+
+
+async def test_an_ambiguous_batch_is_settled_by_operation_ids(
+    client: EtcdClient, etcd: EtcdProcess
+) -> None:
+    """The batch is applied but its answer lost, and another writer changes the task before
+    the writer looks again: the operation id in the document shows the update went
+    through, so it is not applied twice (review finding, issue 15)."""
+    store = Store(client)
+    (kv,) = await _approved(store, 1)
+    async with (
+        open_proxy(etcd.client_port) as proxy,
+        open_client([proxy.endpoint]) as slow,
+        trio.open_nursery() as nursery,
+    ):
+        writer = TaskWriter(Store(slow))
+        await nursery.start(writer.run)
+        results = []
+
+        async def mine() -> None:
+            fn = partial(models.append_logs, lines=["mine"], now=models.utcnow())
+            results.append(await writer.update(IDC, "sn-000", fn, current=kv))
+
+        async def applied() -> bool:
+            task = (await store.get_task(IDC, "sn-000")).task
+            return any(line.endswith("mine") for line in task.logs)
+
+        async with trio.open_nursery() as senders:
+            proxy.hold_responses()
+            senders.start_soon(mine)
+            await wait_for(applied, what="the batch applied")
+            await store.append_logs(IDC, "sn-000", ["other"])  # another writer, after ours
+            proxy.cut()  # the batch's answer is lost: an ambiguous outcome
+            proxy.heal()
+        nursery.cancel_scope.cancel()
+    task = (await store.get_task(IDC, "sn-000")).task
+    lines = [line.rsplit("] ", 1)[-1] for line in task.logs]
+    assert lines.count("mine") == 1 and lines.count("other") == 1
+    assert len(results) == 1
 
 
 async def test_refusal_is_decided_on_fresh_data(client: EtcdClient) -> None:

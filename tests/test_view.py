@@ -126,6 +126,26 @@ async def test_own_writes_are_not_undone_by_a_lagging_watch(client: EtcdClient) 
         nursery.cancel_scope.cancel()
 
 
+async def test_a_late_observe_does_not_bring_back_a_deleted_key(client: EtcdClient) -> None:
+    """Our write's answer can arrive after the watch has applied a later delete of the key:
+    observing it then must not put the deleted key back (review finding, issue 15)."""
+    view = PrefixView(client, PREFIX)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(view.run)
+        w = await client.put(PREFIX + "a/lease", "lease-1")
+        mine = KeyValue((PREFIX + "a/lease").encode(), b"lease-1", w.revision, w.revision, 1, 0)
+        d = await client.delete(PREFIX + "a/lease")
+        await wait_for(lambda: view.revision >= d.revision, what="watch applied the delete")
+        view.observe(mine)
+        assert view.get(PREFIX + "a/lease") is None
+        # A write newer than anything the watch has seen is still taken at once.
+        w2 = await client.put(PREFIX + "a/lease", "lease-2")
+        newer = KeyValue((PREFIX + "a/lease").encode(), b"lease-2", w2.revision, w2.revision, 1, 0)
+        view.observe(newer)
+        assert view.get(PREFIX + "a/lease") == newer
+        nursery.cancel_scope.cancel()
+
+
 async def test_listener_errors_do_not_stop_the_view(
     client: EtcdClient, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -10,9 +10,11 @@ Several regional URLs may be given (the IDC's PXE hosts: one active regional, th
 standby and answering 503): a connection failure or a 503 moves the client to the next
 URL at once, and it waits only after it has tried every one.
 
-A retried POST may have been applied by the first attempt (the answer was lost), so callers
-treat progress as idempotent and a 409 on complete/fail as "look at the task" (see
-:mod:`lpmosd.agent.main`); a log batch may at worst be stored twice.
+A retried POST may have been applied by the first attempt (the answer was lost), possibly
+by another regional. Progress, log batches, complete and fail carry one operation id
+(``Idempotency-Key``) on all their attempts; the regional records it in the task with the
+change and recognises a repeat, so each is applied exactly once. A 409 on complete/fail
+still means "look at the task" (see :mod:`lpmosd.agent.main`).
 
 Authentication: when registration returns ``agent_token`` it is sent as a bearer token on
 every later call. A 401 on a later call means the regional no longer knows the token (it
@@ -27,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import secrets
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -422,8 +425,14 @@ class AgentClient:
 
     # ------------------------------------------------------------------ transport
 
-    async def _send(self, method: str, path: str, body: Mapping[str, Any] | None) -> httpx.Response:
-        """One call with retries on transient failures; returns the final response."""
+    async def _send(
+        self, method: str, path: str, body: Mapping[str, Any] | None, op_id: str | None = None
+    ) -> httpx.Response:
+        """One call with retries on transient failures; returns the final response.
+
+        ``op_id`` goes with every attempt (``Idempotency-Key``): the regional records it
+        with the change, so an attempt whose answer was lost is not applied twice.
+        """
         policy = self.retry
         started = trio.current_time()
         attempt = 0
@@ -432,6 +441,8 @@ class AgentClient:
         while True:
             attempt += 1
             headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+            if op_id is not None:
+                headers["Idempotency-Key"] = op_id
             problem: str
             wait: float | None = None
             base = self._bases[self._current]
@@ -487,12 +498,22 @@ class AgentClient:
             await trio.sleep(delay)
 
     async def _call(
-        self, method: str, path: str, body: Mapping[str, Any] | None = None
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        once: bool = False,
     ) -> dict[str, Any]:
-        """A call with retries and re-registration on 401; returns the JSON object answered."""
+        """A call with retries and re-registration on 401; returns the JSON object answered.
+
+        ``once``: a change to apply exactly once, however often it is sent (one operation
+        id for all its attempts).
+        """
+        op_id = secrets.token_hex(8) if once else None
         for reauthed in (False, True):
             generation = self._token_generation
-            resp = await self._send(method, path, body)
+            resp = await self._send(method, path, body, op_id)
             if resp.status_code == 401:
                 ended = _ended_status(resp)
                 if ended is not None:
@@ -583,12 +604,14 @@ class AgentClient:
             "POST",
             f"{self._base}/progress",
             {"step": step, "percent": percent, "message": message},
+            once=True,
         )
 
     async def logs(self, lines: Sequence[str], level: LogLevel = "INFO") -> None:
         """``POST /{sn}/logs`` with at most 100 lines."""
         if lines:
-            await self._call("POST", f"{self._base}/logs", {"lines": list(lines), "level": level})
+            body = {"lines": list(lines), "level": level}
+            await self._call("POST", f"{self._base}/logs", body, once=True)
 
     async def first_boot_credential(self) -> str:
         """``POST /{sn}/first-boot-credential``: the one-time credential the installed
@@ -601,10 +624,10 @@ class AgentClient:
 
     async def complete(self) -> str:
         """``POST /{sn}/complete``; returns the new status."""
-        body = await self._call("POST", f"{self._base}/complete", {})
+        body = await self._call("POST", f"{self._base}/complete", {}, once=True)
         return str(body.get("status", ""))
 
     async def fail(self, reason: str) -> str:
         """``POST /{sn}/fail``; returns the new status."""
-        body = await self._call("POST", f"{self._base}/fail", {"reason": reason})
+        body = await self._call("POST", f"{self._base}/fail", {"reason": reason}, once=True)
         return str(body.get("status", ""))

@@ -37,6 +37,7 @@ from lpmosd.errors import (
     CompactedError,
     EtcdAuthError,
     EtcdError,
+    EtcdNoSpaceError,
     EtcdRequestError,
     EtcdUnavailableError,
     LeaseNotFoundError,
@@ -138,6 +139,8 @@ def map_error(exc: BaseException, *, sent: bool = False) -> EtcdError:
             return CompactedError(msg, 0)
         if status is _Status.NOT_FOUND and "lease" in msg:
             return LeaseNotFoundError(msg)
+        if status is _Status.RESOURCE_EXHAUSTED and "space exceeded" in msg:
+            return EtcdNoSpaceError(msg)
         if status in (_Status.UNAVAILABLE, _Status.DEADLINE_EXCEEDED, _Status.CANCELLED):
             cls = AmbiguousError if sent else EtcdUnavailableError
             return cls(f"etcd unavailable: {msg}")

@@ -186,6 +186,11 @@ class EtcdClient:
         return [e.url for e in self._transport.endpoints]
 
     @property
+    def closed(self) -> bool:
+        """True once :func:`open_client`'s body has ended (nothing may be sent any more)."""
+        return self._keepalive is None
+
+    @property
     def current_endpoint(self) -> str:
         """The endpoint requests go to now."""
         return self._transport.endpoint.url
@@ -577,6 +582,44 @@ class EtcdClient:
             h.raft_term,
             h.revision,
             list(reply.errors),
+            reply.db_size_in_use,
+        )
+
+    async def alarms(self) -> list[tuple[int, str]]:
+        """Active alarms of the cluster: (member id, alarm name such as ``NOSPACE``)."""
+        reply = await self._call(
+            "/etcdserverpb.Maintenance/Alarm",
+            pb.AlarmRequest(action=pb.AlarmRequestAlarmAction.GET),
+            pb.AlarmResponse,
+            idempotent=True,
+        )
+        return [(a.member_id, pb.AlarmType(a.alarm).name) for a in reply.alarms]
+
+    async def disarm(self, member_id: int, alarm: str) -> None:
+        """Deactivate one alarm (after the operator has fixed its cause)."""
+        await self._call(
+            "/etcdserverpb.Maintenance/Alarm",
+            pb.AlarmRequest(
+                action=pb.AlarmRequestAlarmAction.DEACTIVATE,
+                member_id=member_id,
+                alarm=pb.AlarmType[alarm],
+            ),
+            pb.AlarmResponse,
+            idempotent=True,
+        )
+
+    async def defragment(self, *, timeout: float = 300.0) -> None:
+        """Defragment the member we are connected to (it blocks that member meanwhile).
+
+        Not retried on another endpoint: the caller picks the member (see
+        :func:`lpmosd.etcd_ops.defragment_cluster`).
+        """
+        await self._transport.unary(
+            "/etcdserverpb.Maintenance/Defragment",
+            pb.DefragmentRequest(),
+            pb.DefragmentResponse,
+            timeout=timeout,
+            metadata=self.metadata(),
         )
 
     async def member_list(self) -> list[tuple[int, str, list[str]]]:
@@ -628,6 +671,8 @@ class KeepAliveHub:
         )
         self._ready = trio.Event()
         self._waiters: dict[int, list[_Waiter]] = {}
+        #: Answers received on the current stream (a timed-out caller checks it moved).
+        self._received = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep the stream open until cancelled."""
@@ -641,13 +686,18 @@ class KeepAliveHub:
                     pb.LeaseKeepAliveResponse,
                 ) as stream:
                     self._stream = stream
+                    self._received = 0
                     self._ready.set()
                     while True:
                         reply = await stream.receive()
+                        self._received += 1
                         backoff = 0.05
                         for w in self._waiters.pop(reply.id, ()):
                             w.deliver(reply.ttl)
             except EtcdAuthError:
+                # What was sent on the refused stream gets no answer: its callers re-send
+                # on the next stream at once instead of waiting out their timeouts.
+                self._fail_all(EtcdUnavailableError("keepalive stream re-authenticating"))
                 await self._client.authenticate(self._client.token_generation)
             except EtcdError as exc:
                 self._fail_all(exc)
@@ -671,9 +721,12 @@ class KeepAliveHub:
     async def keepalive(self, lease_id: int, timeout: float) -> int:
         """Refresh ``lease_id`` once; its new TTL. LeaseNotFoundError when it is gone.
 
-        No answer within ``timeout`` (a hung member) resets the stream and raises
-        :class:`EtcdUnavailableError`.
+        No answer within ``timeout`` raises :class:`EtcdUnavailableError`. The stream is
+        shared by every lease: it is reset only when it looks hung — nothing received on
+        it since this request went out — not because one caller ran out of time.
         """
+        sent_on: object = None
+        received_then = 0
         with trio.move_on_after(timeout):
             while True:
                 await self._ready.wait()
@@ -683,6 +736,7 @@ class KeepAliveHub:
                 waiter = _Waiter()
                 self._waiters.setdefault(lease_id, []).append(waiter)
                 try:
+                    sent_on, received_then = stream, self._received
                     stream.send(pb.LeaseKeepAliveRequest(id=lease_id))
                     ttl = await waiter.wait()
                 except EtcdUnavailableError:
@@ -695,7 +749,8 @@ class KeepAliveHub:
                 if ttl <= 0:
                     raise LeaseNotFoundError(f"lease {lease_id:x} not found")
                 return ttl
-        self.reset()
+        if sent_on is not None and sent_on is self._stream and self._received == received_then:
+            self.reset()
         raise EtcdUnavailableError(f"lease {lease_id:x}: no keepalive answer in {timeout:.1f}s")
 
 

@@ -10,6 +10,7 @@ writes is fenced on its key (:class:`~lpmosd.etcd.fence.Fence`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import trio
 
@@ -45,11 +46,18 @@ async def nominate(client: EtcdClient, prefix: str, lease_id: int, value: str) -
 
 
 async def wait_for_leadership(
-    client: EtcdClient, prefix: str, key: str, revision: int, lease_id: int
+    client: EtcdClient,
+    prefix: str,
+    key: str,
+    revision: int,
+    lease_id: int,
+    *,
+    on_standby: Callable[[], None] = lambda: None,
 ) -> None:
     """Return once the candidate ``key`` (created at ``revision``) leads ``prefix``.
 
-    Raises :class:`LeaseLost` if the key itself disappears meanwhile.
+    ``on_standby`` is called each time it finds another candidate ahead and starts to
+    wait. Raises :class:`LeaseLost` if the key itself disappears meanwhile.
     """
     backoff = 0.05
     while True:
@@ -69,6 +77,7 @@ async def wait_for_leadership(
         # Only the candidate just ahead of us: when it goes, look again (an earlier one
         # may still lead).
         previous = max(ahead, key=lambda kv: kv.create_revision)
+        on_standby()
         log.info(
             "standby: waiting for the candidate ahead",
             extra={"key": key, "ahead": previous.key.decode(errors="replace")},

@@ -126,3 +126,5 @@ class MemberStatus:
     raft_term: int
     revision: int
     errors: list[str]
+    #: Bytes of the backend database in use (db_size minus free pages a defrag would return).
+    db_size_in_use: int = 0

@@ -102,7 +102,8 @@ async def run_session(
     runs on every instance, started like a nursery task: the role counts as running once it
     reports started (its views are synced and it can serve), not merely once the session
     key is written. Once the candidate leads, ``fence`` holds its term and ``leader_body``
-    starts. Reports started after the first session is up, leading or not.
+    starts. Reports started once the first session is up and knows whether it leads
+    (active, with ``leader_body`` started) or waits (standby).
     """
     reported = False
     backoff = 0.2
@@ -119,17 +120,25 @@ async def run_session(
                         extra={"role": state.role, "lease": lease.id, "key": key},
                     )
                     backoff = 0.2
-                    if not reported:
-                        reported = True
-                        task_status.started()
-                    await hooks.reach(f"{state.role}.standby")
-                    await wait_for_leadership(client, election, key, revision, lease.id)
+
+                    def report() -> None:
+                        # Up once it knows whether it leads: a lone instance is never
+                        # seen as a standby for a moment after start.
+                        nonlocal reported
+                        if not reported:
+                            reported = True
+                            task_status.started()
+
+                    await wait_for_leadership(
+                        client, election, key, revision, lease.id, on_standby=report
+                    )
                     fence.hold(key.encode(), revision)
                     state.leadership, state.active_since = "active", trio.current_time()
                     state.leader_changes += 1
                     log.warning("leadership won", extra={"role": state.role, "key": key})
                     if leader_body is not None:
                         await nursery.start(leader_body, lease)
+                    report()
                     await hooks.reach(f"{state.role}.active")
         except LeaseLost as exc:
             state.restarts += 1

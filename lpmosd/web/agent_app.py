@@ -57,6 +57,7 @@ from lpmosd.models import (
     TaskStatus,
     format_ts,
     utcnow,
+    valid_op_id,
 )
 from lpmosd.store import LIVE, StoredTask
 from lpmosd.view import PrefixView
@@ -90,6 +91,23 @@ AGENT_AUTH_FAILURES = Counter(
 RATE_LIMITED = Counter(
     "lpmosd_rate_limited_total", "Agent API requests refused with 429.", registry=REGISTRY
 )
+
+
+#: The header that names one agent request, the same on each of its retries.
+OP_ID_HEADER = "Idempotency-Key"
+
+
+def _op_id() -> str | None:
+    """The request's operation id (``Idempotency-Key``), recorded in the task with its
+    change: a request repeated after a lost answer is recognised, not applied twice."""
+    value = request.headers.get(OP_ID_HEADER)
+    if value is None:
+        return None
+    if len(value) > 64 or not valid_op_id(value):
+        raise ValidationError(
+            f"{OP_ID_HEADER} must be 1-64 letters, digits or _.:-", field=OP_ID_HEADER
+        )
+    return f"agent:{value}"
 
 
 def _bearer() -> str:
@@ -495,6 +513,7 @@ def create_agent_app(rg: Regional) -> QuartTrio:
             percent=req.percent,
             message=req.message,
             current=task_kv,
+            op_id=_op_id(),
         )
         observed(view, stored)
         return json_response({"status": stored.task.status.value})
@@ -505,7 +524,9 @@ def create_agent_app(rg: Regional) -> QuartTrio:
         sn = schema.validate_sn(sn)
         task_kv = await authorize(view, sn)
         req = LogRequest.from_obj(await read_json(max_body))
-        stored = await store.append_logs(idc, sn, req.lines, level=req.level, current=task_kv)
+        stored = await store.append_logs(
+            idc, sn, req.lines, level=req.level, current=task_kv, op_id=_op_id()
+        )
         observed(view, stored)
         return json_response({"status": stored.task.status.value})
 
@@ -513,7 +534,9 @@ def create_agent_app(rg: Regional) -> QuartTrio:
         view: PrefixView, sn: str, task_kv: KeyValue, outcome: TaskStatus, reason: str
     ) -> Response:
         lease_id = await live_lease_id(sn)
-        stored = await store.finish(idc, sn, outcome=outcome, reason=reason, current=task_kv)
+        stored = await store.finish(
+            idc, sn, outcome=outcome, reason=reason, current=task_kv, op_id=_op_id()
+        )
         observed(view, stored)
         await rg.revoke_quietly(lease_id)
         rg.heartbeats.pop(sn, None)

@@ -13,7 +13,9 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from lpmosd.errors import (
+    NOSPACE_HELP,
     EtcdError,
+    EtcdNoSpaceError,
     EtcdUnavailableError,
     InputError,
     NotLeaderError,
@@ -156,6 +158,11 @@ def install_common(
         log.warning("etcd unavailable", extra={"error": str(exc)})
         return error_response(503, "etcd is unavailable; try again")
 
+    @app.errorhandler(EtcdNoSpaceError)
+    async def _etcd_full(exc: EtcdNoSpaceError) -> Response:
+        log.error("etcd is out of space", extra={"error": str(exc)})
+        return error_response(503, NOSPACE_HELP)
+
     @app.errorhandler(NotLeaderError)
     async def _not_leader(exc: NotLeaderError) -> Response:
         log.warning("write refused: not the leader", extra={"error": str(exc)})
@@ -189,6 +196,9 @@ def install_common(
     @app.get("/readyz")
     async def readyz() -> Response:
         ready, detail = await readiness()
+        etcd = detail.get("etcd")
+        if not ready and isinstance(etcd, dict) and "reason" in etcd:
+            detail = {"reason": etcd["reason"], **detail}  # NOSPACE: say what to do
         return json_response({"ready": ready, **detail}, 200 if ready else 503)
 
     if metrics:
@@ -197,4 +207,7 @@ def install_common(
 
 async def metrics_response() -> Response:
     """The process's Prometheus metrics."""
+    from lpmosd.web.ops import refresh_probes
+
+    await refresh_probes()  # etcd's database size, at most one Status call a second
     return Response(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)

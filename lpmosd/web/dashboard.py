@@ -150,6 +150,7 @@ def install_dashboard(app: QuartTrio, cp: ControlPlane) -> LiveHub:
             "can_admin": principal.role >= Role.ADMIN,
             "csrf": csrf_token(),
             "hub_live": hub.live and cp.view is not None,
+            "leadership": cp.session.leadership,
             "since": hub.last_id,
             "statuses": _statuses(),
             **extra,

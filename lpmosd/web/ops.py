@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from lpmosd import schema
-from lpmosd.errors import EtcdError
+from lpmosd.errors import NOSPACE_HELP, EtcdError
 from lpmosd.etcd import EtcdClient
 from lpmosd.metrics import REGISTRY
 from lpmosd.roles.session import SessionState
@@ -75,8 +75,11 @@ class EtcdProbe:
                         "leader": st.leader != 0,
                         "db_size": st.db_size,
                     }
+                    detail["db_size_in_use"] = st.db_size_in_use
                     if st.errors:
                         detail["errors"] = list(st.errors)
+                        if any("NOSPACE" in e for e in st.errors):
+                            detail["reason"] = NOSPACE_HELP
             if scope.cancelled_caught:
                 detail["error"] = f"no answer within {self.timeout:g}s"
             self.ok, self.detail, self.checked_at = ok, detail, trio.current_time()
@@ -84,6 +87,20 @@ class EtcdProbe:
 
 
 _PROBES: weakref.WeakKeyDictionary[EtcdClient, EtcdProbe] = weakref.WeakKeyDictionary()
+
+
+async def refresh_probes() -> None:
+    """Check the probes of open clients, all at once (cached answers are reused), so the
+    etcd gauges are current; never longer than one probe's timeout."""
+
+    async def check(probe: EtcdProbe) -> None:
+        await probe.check()
+
+    with trio.move_on_after(PROBE_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            for client, probe in list(_PROBES.items()):
+                if not client.closed:
+                    nursery.start_soon(check, probe)
 
 
 def etcd_probe(client: EtcdClient) -> EtcdProbe:
@@ -181,10 +198,26 @@ class RoleCollector(Collector):
             "1 when the last readiness probe found etcd healthy (leader, no errors).",
             labels=["endpoint"],
         )
+        db = GaugeMetricFamily(
+            "lpmosd_etcd_db_bytes",
+            "Size of etcd's backend database file (Maintenance.Status dbSize), by endpoint.",
+            labels=["endpoint"],
+        )
+        in_use = GaugeMetricFamily(
+            "lpmosd_etcd_db_in_use_bytes",
+            "Bytes of etcd's database in use (dbSizeInUse; the rest a defrag would free).",
+            labels=["endpoint"],
+        )
         for probe in list(self.probes.values()):
             if probe.checked_at > float("-inf"):
-                up.add_metric([str(probe.detail.get("endpoint", ""))], 1.0 if probe.ok else 0.0)
+                endpoint = [str(probe.detail.get("endpoint", ""))]
+                up.add_metric(endpoint, 1.0 if probe.ok else 0.0)
+                if "db_size" in probe.detail:
+                    db.add_metric(endpoint, float(probe.detail["db_size"]))
+                    in_use.add_metric(endpoint, float(probe.detail["db_size_in_use"]))
         yield up
+        yield db
+        yield in_use
 
     def _regional_metrics(self) -> Iterator[Metric]:
         servers: Counter[str] = Counter()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lpmosd.bench import add_server, fleet, offline, progress, watch_traffic
+from lpmosd.bench import add_server, etcd_growth, fleet, offline, progress, watch_traffic
 from lpmosd.bench.common import BenchOptions
 
 
@@ -94,3 +94,16 @@ async def test_offline_detection(tmp_path: Path) -> None:
     _written(opts, offline.NAME)
     assert results["total"] == 5
     assert results["never_failed"] == 0
+
+
+async def test_etcd_growth(tmp_path: Path) -> None:
+    opts = _opts(tmp_path)
+    results = await etcd_growth.run(
+        opts, installs=12, machines=6, concurrency=3, interval=4, rate=1
+    )
+    _written(opts, etcd_growth.NAME)
+    assert results["installs_per_compaction"] == 4
+    assert len(results["samples"]) >= 2
+    # Each install writes its task document many times over (what the benchmark measures).
+    assert results["puts"] >= 12 * (etcd_growth.PROGRESS + etcd_growth.LOG_BATCHES)
+    assert results["bytes_per_install"] > 0 and results["peak_db_in_use_bytes"] > 0

@@ -103,6 +103,7 @@ def test_viewers_see_no_actions_and_may_not_act(
         page = http.get("/tasks/dc1/sn-001")
         assert page.status_code == 200
         assert "data-action=" not in page.text and "New task" not in page.text
+        assert '<span id="leadership"' in page.text and ">active</span>" in page.text
         r = http.post("/tasks/dc1/sn-001/approve", data={"csrf_token": csrf})
         assert r.status_code == 403
         assert http.get("/tasks/create").status_code == 403

@@ -26,7 +26,7 @@ from provisioning_kit import GUIDE_TASK
 
 from lpmosd import schema
 from lpmosd.etcd import EtcdClient, open_client
-from lpmosd.roles.control_plane import HEARTBEAT_LOST
+from lpmosd.roles.reaper import HEARTBEAT_LOST
 
 from .conftest import Cluster, Proc
 

@@ -13,7 +13,7 @@ from lpmosd.etcd import Auth, TLSFiles, open_client, open_lease, watch
 from lpmosd.etcd_process import EtcdProcess
 from lpmosd.etcd_process import TLSFiles as CertFiles
 
-from .helpers import assert_our_error
+from .helpers import ProxyFactory, assert_our_error
 
 ROOT_PW = "root-secret"
 APP_PW = "app-secret"
@@ -93,6 +93,24 @@ async def test_token_refresh_after_expiry(auth_etcd: EtcdProcess) -> None:
                 batch = await stream.__anext__()
         assert batch.events[0].kv.mod_revision == rev  # created before we wrote: not missed
         assert streaming.token_generation == generations[1] + 1
+
+
+async def test_keepalive_stream_does_not_need_a_valid_token(
+    auth_etcd: EtcdProcess, proxy_factory: ProxyFactory
+) -> None:
+    """etcd (3.4, 3.5) checks no token on LeaseKeepAlive: a stream re-opened with an expired,
+    even a garbage, token keeps leases alive, so a held lease survives the token's expiry
+    without a re-authentication. (The hub's auth branch is for servers that do check.)"""
+    proxy = await proxy_factory(auth_etcd.client_port)
+    async with open_client([proxy.endpoint], auth=Auth("app", APP_PW)) as c:
+        lease = await c.lease_grant(30)
+        assert await c.keepalive_once(lease.id) == 30
+        await trio.sleep(2.2)  # the token (TTL 1 s) has expired by now
+        c._token = "garbage"
+        proxy.cut()  # the stream breaks; it is re-opened with the bad token
+        proxy.heal()
+        with trio.fail_after(8):
+            assert await c.keepalive_once(lease.id, timeout=6) == 30
 
 
 async def test_wrong_password(auth_etcd: EtcdProcess) -> None:

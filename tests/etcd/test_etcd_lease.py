@@ -67,6 +67,23 @@ async def test_keepalive_50_leases_at_once_on_one_stream(client: EtcdClient) -> 
     assert hub._waiters == {}
 
 
+async def test_one_leases_timeout_does_not_reset_the_shared_stream(client: EtcdClient) -> None:
+    """A keepalive that runs out of time while the stream is healthy (here: no time at
+    all) fails alone; the stream every other lease uses stays (review finding, issue 15)."""
+    a = await client.lease_grant(20)
+    b = await client.lease_grant(20)
+    hub = client._keepalive
+    assert hub is not None
+    assert await client.keepalive_once(b.id) == 20
+    stream_before = hub._stream
+    assert stream_before is not None
+    with pytest.raises(EtcdError):
+        await client.keepalive_once(a.id, timeout=1e-9)
+    assert hub._stream is stream_before
+    assert await client.keepalive_once(b.id) == 20
+    assert hub._stream is stream_before
+
+
 async def test_open_lease_keeps_lease_alive(client: EtcdClient) -> None:
     """A 2 s lease held for 5 s stays alive; leaving the block revokes it."""
     async with open_lease(client, 2) as lease:

@@ -8,6 +8,7 @@ how many acknowledged steps were lost or stored twice, and how long writes stopp
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections import Counter
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ class Fleet:
     url: str
     store: Store
     n: int = 6
+    #: Pause between an agent's acknowledged writes (long faults: slower, under the cap).
+    interval: float = 0.02
     agents: list[Agent] = field(default_factory=list)
     #: trio times of every acknowledged write, in order.
     acks: list[float] = field(default_factory=list)
@@ -78,6 +81,16 @@ class Fleet:
         async with trio.open_nursery() as nursery:
             for agent in self.agents:
                 nursery.start_soon(self._report, agent, stop)
+                nursery.start_soon(self._heartbeat, agent, stop)
+
+    async def _heartbeat(self, agent: Agent, stop: trio.Event) -> None:
+        """Keep the agent's lease alive, as the real agent does (every 2 s)."""
+        async with httpx.AsyncClient(base_url=self.url, headers=agent.headers, timeout=5) as http:
+            while not stop.is_set():
+                with contextlib.suppress(httpx.TransportError):
+                    await http.post(f"/api/v1/agent/{agent.sn}/heartbeat")
+                with trio.move_on_after(2):
+                    await stop.wait()
 
     async def _report(self, agent: Agent, stop: trio.Event) -> None:
         async with httpx.AsyncClient(base_url=self.url, headers=agent.headers, timeout=5) as http:
@@ -97,7 +110,7 @@ class Fleet:
                 if ok:
                     agent.acked.append(line)
                     self.acks.append(trio.current_time())
-                    await trio.sleep(0.02)
+                    await trio.sleep(self.interval)
                 else:
                     agent.failures += 1
                     await trio.sleep(0.05)

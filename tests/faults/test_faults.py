@@ -84,14 +84,16 @@ async def test_kill_9_the_leader_member(etcd_cluster: EtcdCluster, proxies: list
         resumed = fleet.resumed_after(killed_at)
         gap = fleet.longest_gap(killed_at)
         rg = regional(daemon)
-        print(f"\nkill -9 leader: {verdict}; writes resumed {resumed:.2f}s after, gap {gap:.2f}s")
+        print(
+            f"\nkill -9 leader: {verdict}; first ack {resumed:.2f}s after, longest gap {gap:.2f}s"
+        )
         assert verdict.lost == 0, verdict
         assert verdict.duplicated == 0, verdict
         assert rg.session.restarts == 0, "the session lease survives a leader's death"
     record(
         "kill -9 the etcd leader (the daemon's own member)",
-        f"{verdict.acked} acknowledged steps: 0 lost, 0 duplicated; writes resumed "
-        f"{resumed:.2f} s after the kill (longest gap {gap:.2f} s); session kept",
+        f"{verdict.acked} acknowledged steps: 0 lost, 0 duplicated; writes stopped for "
+        f"{gap:.2f} s at most (longest gap between acknowledged writes); session kept",
     )
 
 
@@ -181,7 +183,10 @@ async def test_one_endpoint_blackholed(
         open_daemon(config_for(proxies)) as daemon,
     ):
         rg = regional(daemon)
-        fleet = Fleet(daemon.urls["regional"], Store(client))
+        # About 5 steps a second per agent: a minute of it stays under the log cap.
+        fleet = Fleet(
+            daemon.urls["regional"], Store(client), interval=0.02 if seconds < 30 else 0.2
+        )
         await fleet.enrol()
         leases = {a.sn: rg.lease_id(a.sn) for a in fleet.agents}
         session_lease = rg.session.lease

@@ -24,10 +24,10 @@ from provisioning_kit import (
 
 from lpmosd import hooks, schema
 from lpmosd.config import ROLE_CONTROL_PLANE
-from lpmosd.etcd import EtcdClient, candidate_key, open_client
+from lpmosd.etcd import EtcdClient, candidate_key, open_client, put
 from lpmosd.etcd_process import EtcdProcess
 from lpmosd.models import CreateTaskRequest, MachineMeta, TaskStatus, utcnow
-from lpmosd.roles.control_plane import HEARTBEAT_LOST
+from lpmosd.roles.reaper import HEARTBEAT_LOST
 from lpmosd.store import Store
 
 S = TaskStatus
@@ -41,7 +41,10 @@ async def setup_task(store: Store, client: EtcdClient, sn: str, status: TaskStat
     await store.create_task(req, actor="test")
     lease = await client.lease_grant(60)
     meta = MachineMeta.from_report(HARDWARE, now=utcnow())
-    await store.register_agent(IDC, sn, mac=MAC, meta=meta, lease_id=lease.id)
+    # Registration issues the agent's token with the lease key (its content is the
+    # regional's business; the reaper only asks whether one was issued).
+    token = put(schema.agent_token_key(IDC, sn), b"{}")
+    await store.register_agent(IDC, sn, mac=MAC, meta=meta, lease_id=lease.id, credentials=(token,))
     if status is S.PENDING:
         return lease.id
     if status is S.CANCELLED:
@@ -156,6 +159,56 @@ async def test_installing_task_without_lease_at_start_is_reaped(
     await client.delete(schema.lease_key(IDC, "sn-001"))
     async with open_daemon(make_config(etcd.endpoints, roles=CP_ONLY)):
         await wait_status(store, "sn-001", S.FAILED)
+
+
+async def test_start_up_scan_covers_every_state_with_an_agent(
+    etcd: EtcdProcess, store: Store, client: EtcdClient
+) -> None:
+    """Like the live path: an approved task whose registered agent's lease went while no
+    control plane ran is reaped too (review finding, issue 15); one approved but never
+    registered (no agent token: retried, or its machine has not booted) is left alone."""
+    await setup_task(store, client, "sn-a", S.APPROVED)
+    await client.delete(schema.lease_key(IDC, "sn-a"))
+    await setup_task(store, client, "sn-r", S.INSTALLING)
+    await store.finish(IDC, "sn-r", outcome=S.FAILED, reason="disk")
+    await store.retry(IDC, "sn-r", actor="op")  # approved again, waiting for its agent
+    async with open_daemon(make_config(etcd.endpoints, roles=CP_ONLY)) as daemon:
+        await wait_status(store, "sn-a", S.FAILED)
+        assert (await store.get_task(IDC, "sn-a")).task.error == HEARTBEAT_LOST
+        cp = daemon.control_plane
+        assert cp is not None
+        with trio.fail_after(5):
+            while cp.reaped < 1:  # noqa: ASYNC110 - a counter, not an event
+                await trio.sleep(0.01)
+        assert (await store.get_task(IDC, "sn-r")).task.status is S.APPROVED
+
+
+async def test_a_burst_of_lost_leases_is_never_dropped(
+    etcd: EtcdProcess, store: Store, client: EtcdClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """More lease keys vanish at once (one revoke) than any fixed queue would hold: every
+    one is looked at and no reap is dropped (review finding, issue 15)."""
+    lease = await client.lease_grant(60)
+    real = ["zz-1", "zz-2", "zz-3"]
+    async with open_daemon(make_config(etcd.endpoints, roles=CP_ONLY)) as daemon:
+        cp = daemon.control_plane
+        assert cp is not None
+        for sn in real:
+            await setup_task(store, client, sn, S.INSTALLING)
+            await client.put(schema.lease_key(IDC, sn), f"lease-{lease.id}", lease=lease.id)
+        # Lease keys of machines whose tasks were deleted meanwhile: cheap to write, and
+        # each must still be looked at.
+        fake = [schema.lease_key(IDC, f"gone-{i:05d}") for i in range(10_100)]
+        for i in range(0, len(fake), 128):
+            await client.txn([], [put(k, "x", lease=lease.id) for k in fake[i : i + 128]], [])
+        await client.lease_revoke(lease.id)
+        for sn in real:
+            await wait_status(store, sn, S.FAILED, timeout=20)
+        with trio.fail_after(20):
+            while cp.lease_losses < len(fake) + len(real):  # noqa: ASYNC110 - a counter
+                await trio.sleep(0.05)
+        assert cp.lease_losses == len(fake) + len(real)
+    assert "reaper queue full" not in caplog.text
 
 
 async def test_corrupt_task_document_does_not_kill_the_reaper(

@@ -125,6 +125,40 @@ async def test_agent_happy_path(apis: Apis, store: Store, client: EtcdClient) ->
     assert any("[WARN] Slow disk I/O" in line for line in task_doc.logs)
 
 
+async def test_a_repeated_request_is_applied_once(apis: Apis, store: Store) -> None:
+    """An agent repeats a log batch (or a progress report) whose answer it lost, with the same
+    Idempotency-Key: the regional recognises it and stores nothing twice (review finding,
+    issue 15); a new key is a new batch; a malformed key is refused, naming the header."""
+    await create(apis, os_type="demo")
+    await register(apis)
+    r = await apis.cp.post(f"/api/v1/tasks/dc1/{SN}/approve", json={"approved_by": "op"})
+    assert r.status_code == 200
+    for key in ("batch-1", "batch-1", "batch-2"):
+        r = await apis.agent.post(
+            f"/api/v1/agent/{SN}/logs",
+            json={"lines": ["same words"]},
+            headers={"Idempotency-Key": key},
+        )
+        assert r.status_code == 200, r.text
+    task = (await store.get_task("dc1", SN)).task
+    assert sum(line.endswith("same words") for line in task.logs) == 2
+    r = await apis.agent.post(
+        f"/api/v1/agent/{SN}/logs", json={"lines": ["x"]}, headers={"Idempotency-Key": "a b"}
+    )
+    assert r.status_code == 400 and r.json()["field"] == "Idempotency-Key", r.text
+    for _ in range(2):
+        r = await apis.agent.post(
+            f"/api/v1/agent/{SN}/progress",
+            json={"step": "s", "percent": 10},
+            headers={"Idempotency-Key": "p-1"},
+        )
+        assert r.status_code == 200, r.text
+    task = (await store.get_task("dc1", SN)).task
+    assert [c.status.value for c in task.status_history].count("installing") == 1
+    r = await apis.cp.get(f"/api/v1/tasks/dc1/{SN}")
+    assert r.status_code == 200 and "ops" not in r.json()  # the API's JSON is unchanged
+
+
 async def test_heartbeat_right_after_register(apis: Apis) -> None:
     """The lease key was written a moment ago; the watch cache may not have it yet."""
     for sn in ("hb-1", "hb-2", "hb-3"):

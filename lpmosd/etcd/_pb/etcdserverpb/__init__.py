@@ -4,6 +4,11 @@
 # This file has been @generated
 
 __all__ = (
+    "AlarmMember",
+    "AlarmRequest",
+    "AlarmRequestAlarmAction",
+    "AlarmResponse",
+    "AlarmType",
     "AuthStub",
     "AuthenticateRequest",
     "AuthenticateResponse",
@@ -13,6 +18,8 @@ __all__ = (
     "Compare",
     "CompareCompareResult",
     "CompareCompareTarget",
+    "DefragmentRequest",
+    "DefragmentResponse",
     "DeleteRangeRequest",
     "DeleteRangeResponse",
     "KvStub",
@@ -71,6 +78,22 @@ _COMPILER_VERSION = "0.10.1"
 betterproto2.check_compiler_version(_COMPILER_VERSION)
 
 
+class AlarmRequestAlarmAction(betterproto2.Enum):
+    GET = 0
+
+    ACTIVATE = 1
+
+    DEACTIVATE = 2
+
+
+class AlarmType(betterproto2.Enum):
+    NONE = 0
+
+    NOSPACE = 1
+
+    CORRUPT = 2
+
+
 class CompareCompareResult(betterproto2.Enum):
     EQUAL = 0
 
@@ -117,6 +140,46 @@ class WatchCreateRequestFilterType(betterproto2.Enum):
     NOPUT = 0
 
     NODELETE = 1
+
+
+@dataclass(eq=False, repr=False)
+class AlarmMember(betterproto2.Message):
+    member_id: "int" = betterproto2.field(1, betterproto2.TYPE_UINT64)
+
+    alarm: "AlarmType" = betterproto2.field(
+        2, betterproto2.TYPE_ENUM, default_factory=lambda: AlarmType(0)
+    )
+
+
+default_message_pool.register_message("etcdserverpb", "AlarmMember", AlarmMember)
+
+
+@dataclass(eq=False, repr=False)
+class AlarmRequest(betterproto2.Message):
+    action: "AlarmRequestAlarmAction" = betterproto2.field(
+        1, betterproto2.TYPE_ENUM, default_factory=lambda: AlarmRequestAlarmAction(0)
+    )
+
+    member_id: "int" = betterproto2.field(2, betterproto2.TYPE_UINT64)
+
+    alarm: "AlarmType" = betterproto2.field(
+        3, betterproto2.TYPE_ENUM, default_factory=lambda: AlarmType(0)
+    )
+
+
+default_message_pool.register_message("etcdserverpb", "AlarmRequest", AlarmRequest)
+
+
+@dataclass(eq=False, repr=False)
+class AlarmResponse(betterproto2.Message):
+    header: "ResponseHeader | None" = betterproto2.field(
+        1, betterproto2.TYPE_MESSAGE, optional=True
+    )
+
+    alarms: "list[AlarmMember]" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, repeated=True)
+
+
+default_message_pool.register_message("etcdserverpb", "AlarmResponse", AlarmResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -204,6 +267,24 @@ class Compare(betterproto2.Message):
 
 
 default_message_pool.register_message("etcdserverpb", "Compare", Compare)
+
+
+@dataclass(eq=False, repr=False)
+class DefragmentRequest(betterproto2.Message):
+    pass
+
+
+default_message_pool.register_message("etcdserverpb", "DefragmentRequest", DefragmentRequest)
+
+
+@dataclass(eq=False, repr=False)
+class DefragmentResponse(betterproto2.Message):
+    header: "ResponseHeader | None" = betterproto2.field(
+        1, betterproto2.TYPE_MESSAGE, optional=True
+    )
+
+
+default_message_pool.register_message("etcdserverpb", "DefragmentResponse", DefragmentResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -941,6 +1022,24 @@ class LeaseStub(betterproto2_grpclib.ServiceStub):
 
 
 class MaintenanceStub(betterproto2_grpclib.ServiceStub):
+    async def alarm(
+        self,
+        message: "AlarmRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "AlarmResponse":
+
+        return await self._unary_unary(
+            "/etcdserverpb.Maintenance/Alarm",
+            message,
+            AlarmResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
     async def status(
         self,
         message: "StatusRequest | None" = None,
@@ -957,6 +1056,27 @@ class MaintenanceStub(betterproto2_grpclib.ServiceStub):
             "/etcdserverpb.Maintenance/Status",
             message,
             StatusResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def defragment(
+        self,
+        message: "DefragmentRequest | None" = None,
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "DefragmentResponse":
+
+        if message is None:
+            message = DefragmentRequest()
+
+        return await self._unary_unary(
+            "/etcdserverpb.Maintenance/Defragment",
+            message,
+            DefragmentResponse,
             timeout=timeout,
             deadline=deadline,
             metadata=metadata,
