@@ -564,6 +564,8 @@ def parse_ssh_keys(f: _Fields, key: str) -> tuple[str, ...]:
             )
         out.append(line)
     return tuple(out)
+
+
 #: Operation ids a task document remembers (see :attr:`Task.ops`).
 MAX_TASK_OPS: Final = 16
 _OP_ID_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,80}")
