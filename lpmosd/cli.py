@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     from lpmosd.etcd_cli import register as register_etcd
 
     register_etcd(sub)
+
+    from lpmosd.boot.cli import register as register_boot
+
+    register_boot(sub)
     return parser
 
 

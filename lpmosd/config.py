@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import urlsplit
 
-from lpmosd.errors import ConfigError
+from lpmosd.boot.artifacts import check_artifact_path
+from lpmosd.boot.scripts import check_base_url
+from lpmosd.errors import ConfigError, ValidationError
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -232,6 +234,19 @@ def _default_plans() -> Mapping[str, Plan]:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class BootConfig:
+    """``[regional.boot]``: the regional as its IDC's boot server.
+
+    ``artifacts_dir`` holds the installer kernel and initrd and the OS images, served at
+    ``/boot/files/``; ``public_url`` is the regional's URL as booting machines reach it
+    (default: the Host the request came to).
+    """
+
+    artifacts_dir: Path | None = None
+    public_url: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class RegionalConfig:
     """``[regional]``: the IDC watcher and the agent API for one IDC."""
 
@@ -250,6 +265,7 @@ class RegionalConfig:
     #: only choice is open (default) or not served (404).
     metrics_public: bool = True
     plans: Mapping[str, Plan] = field(default_factory=_default_plans)
+    boot: BootConfig = field(default_factory=BootConfig)
 
     def plan_for(self, os_type: str) -> Plan | None:
         """The install plan for ``os_type`` (``"demo"`` always has one), or ``None``.
@@ -554,6 +570,7 @@ def _parse_regional(value: object, path: str, base: Path) -> RegionalConfig:
             "rate_limit_burst",
             "metrics_public",
             "plans",
+            "boot",
         ),
     )
     idc = _idc(sec.get("idc", ""), sec.key("idc"))
@@ -598,7 +615,24 @@ def _parse_regional(value: object, path: str, base: Path) -> RegionalConfig:
         ),
         metrics_public=_boolean(sec.get("metrics_public", True), sec.key("metrics_public")),
         plans=plans,
+        boot=_parse_boot(sec.get("boot", {}), sec.key("boot"), base),
     )
+
+
+def _parse_boot(value: object, path: str, base: Path) -> BootConfig:
+    sec = _Section(value, path, ("artifacts_dir", "public_url"))
+    artifacts_dir = None
+    if "artifacts_dir" in sec:
+        artifacts_dir = _resolve(sec.get("artifacts_dir"), sec.key("artifacts_dir"), base)
+    public_url = None
+    if "public_url" in sec:
+        raw = _string(sec.get("public_url"), sec.key("public_url"))
+        try:
+            public_url = check_base_url(raw)
+        except ValidationError:
+            message = "must be http(s)://host[:port][/path]"
+            raise ConfigError(sec.key("public_url"), message) from None
+    return BootConfig(artifacts_dir=artifacts_dir, public_url=public_url)
 
 
 def _parse_plans(value: object, path: str) -> Mapping[str, Plan]:
@@ -610,7 +644,7 @@ def _parse_plans(value: object, path: str) -> Mapping[str, Plan]:
             raise ConfigError(
                 plan_path, "os_type must be 1..128 printable characters, no surrounding spaces"
             )
-        sec = _Section(plan_value, plan_path, ("steps",))
+        sec = _Section(plan_value, plan_path, ("steps", "image"))
         steps_path = sec.key("steps")
         raw_steps = sec.require("steps")
         if not isinstance(raw_steps, list) or not all(isinstance(s, Mapping) for s in raw_steps):
@@ -623,8 +657,20 @@ def _parse_plans(value: object, path: str) -> Mapping[str, Plan]:
             if any(s.name == step.name for s in steps):
                 raise ConfigError(f"{steps_path}[{i}].name", f"duplicate step name {step.name!r}")
             steps.append(step)
-        plans[os_type] = Plan(os_type=os_type, steps=tuple(steps))
+        image = ""
+        if "image" in sec:
+            image = _artifact_path(sec.get("image"), sec.key("image"))
+        plans[os_type] = Plan(os_type=os_type, steps=tuple(steps), image=image)
     return types.MappingProxyType(plans)
+
+
+def _artifact_path(value: object, path: str) -> str:
+    """A path relative to the artifacts directory: plain segments, no way out of it."""
+    text = _string(value, path)
+    try:
+        return check_artifact_path(text)
+    except ValidationError as exc:
+        raise ConfigError(path, exc.message) from None
 
 
 def _parse_step(value: object, path: str) -> PlanStep:

@@ -238,6 +238,7 @@ def render_task(
         lines.append(f"  error       {task.error}")
     if task.resume_from:
         lines.append(f"  resume from {task.resume_from}")
+    lines.append(f"  netboot     {'on' if task.netboot else 'off'}")
     lines.append("")
     lines.append("Status history:")
     for c in task.status_history:

@@ -535,6 +535,7 @@ _TASK_EXTRAS: Final = (
     "resume_from",
     "error",
     "ops",
+    "netboot",
     "ssh_authorized_keys",
     "first_boot_at",
 )
@@ -608,6 +609,9 @@ class Task(_Document):
     #: than comparing values, so a write is never applied twice. Stored, not shown by
     #: the API (:meth:`to_dict`).
     ops: tuple[str, ...] = ()
+    #: Whether the machine PXE-boots the installer: true on create and retry; the Txn that
+    #: completes the task turns it off, so an installed machine boots its disk.
+    netboot: bool = True
 
     def with_op(self, op_id: str) -> Self:
         """This task with ``op_id`` remembered as applied."""
@@ -642,6 +646,7 @@ class Task(_Document):
             "logs_dropped": self.logs_dropped,
             "resume_from": self.resume_from,
             "error": self.error,
+            "netboot": self.netboot,
             "ssh_authorized_keys": list(self.ssh_authorized_keys),
             "first_boot_at": None if self.first_boot_at is None else format_ts(self.first_boot_at),
         }
@@ -660,6 +665,7 @@ class Task(_Document):
             logs.append(line)
         approval_raw = f.raw("approval")
         first_boot_raw = f.raw("first_boot_at") if f.has("first_boot_at") else None
+        status = f.get_status("status")
         return cls(
             task_id=f.get_str("task_id", nonempty=True, ident=True),
             idc=idc,
@@ -669,7 +675,7 @@ class Task(_Document):
             os_version=f.get_str("os_version"),
             disk_layout=f.get_str("disk_layout"),
             network_config=f.get_str("network_config"),
-            status=f.get_status("status"),
+            status=status,
             status_history=tuple(
                 StatusChange._parse(c, f"status_history[{i}]")
                 for i, c in enumerate(f.get_list("status_history"))
@@ -689,6 +695,8 @@ class Task(_Document):
             ssh_authorized_keys=parse_ssh_keys(f, "ssh_authorized_keys"),
             first_boot_at=None if first_boot_raw is None else f.get_ts("first_boot_at"),
             ops=_parse_ops(f.get_list("ops", max_items=MAX_TASK_OPS) if f.has("ops") else []),
+            # Documents written before the flag existed: a completed task boots its disk.
+            netboot=f.get_bool("netboot", default=status is not TaskStatus.COMPLETED),
         )
 
 
@@ -1219,6 +1227,7 @@ def retry(task: Task, *, now: datetime, actor: str, reason: str = "") -> Task:
         reason=reason or "retry",
         resume_from=_first_unfinished(task.progress),
         error=None,
+        netboot=True,
     )
 
 
@@ -1283,6 +1292,7 @@ def complete(task: Task, *, now: datetime, actor: str = "agent") -> Task:
         reason="",
         log="Installation completed",
         resume_from=None,
+        netboot=False,
     )
 
 

@@ -9,6 +9,7 @@
     /os/{idc}/machines/{sn}/enrolment    the task's enrolment secret, hashed
     /os/{idc}/machines/{sn}/agent-token  the enrolled agent's bearer token, hashed
     /os/{idc}/machines/{sn}/first-boot   the installed system's first-boot credential, hashed
+    /os/{idc}/os-types              the OS types the IDC's regional can install (JSON)
 
 (The last two: see :mod:`lpmosd.credentials`.)
 
@@ -39,6 +40,7 @@ __all__ = [
     "machines_prefix",
     "meta_key",
     "normalize_mac",
+    "os_types_key",
     "parse_key",
     "server_key",
     "servers_prefix",
@@ -128,6 +130,11 @@ def servers_prefix(idc: str) -> str:
 def server_key(idc: str, sn: str) -> str:
     """``/os/{idc}/servers/{sn}``: the ServerEntry of one server."""
     return f"{servers_prefix(idc)}{validate_sn(sn)}"
+
+
+def os_types_key(idc: str) -> str:
+    """``/os/{idc}/os-types``: the OS types (plans) the IDC's regional publishes."""
+    return f"{idc_prefix(idc)}os-types"
 
 
 def machines_prefix(idc: str) -> str:

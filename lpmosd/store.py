@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from lpmosd import models, schema
+from lpmosd.boot.ostypes import OsTypes
 from lpmosd.credentials import Enrolment, FirstBootCredential
 from lpmosd.errors import (
     AuthenticationError,
@@ -457,6 +458,47 @@ class Store:
         if not r.succeeded:
             raise ConflictError(f"task of {sn} changed concurrently; try again", field="sn")
         return task, secret
+
+    async def mint_boot_enrolment(
+        self, idc: str, sn: str, *, task_kv: KeyValue, lease_kv: KeyValue | None, actor: str
+    ) -> str:
+        """A fresh enrolment secret for the machine booting the installer of ``sn``'s task
+        (the credential initrd); the previous secret stops working. Guarded on the task and
+        its lease key being as the caller saw them (no agent enrolled meanwhile)."""
+        task = load_task(task_kv, idc, sn)
+        enrolment, secret = Enrolment.issue(
+            task_id=task.task_id, mac=task.mac, actor=actor, now=self.clock()
+        )
+        lease_key = schema.lease_key(idc, sn)
+        lease_guard = (
+            Compare.absent(lease_key)
+            if lease_kv is None
+            else Compare.mod_revision(lease_key, "==", lease_kv.mod_revision)
+        )
+        task_guard = Compare.mod_revision(schema.task_key(idc, sn), "==", task_kv.mod_revision)
+        r = await self.txn(
+            [task_guard, lease_guard],
+            [put(schema.enrolment_key(idc, sn), enrolment.to_json())],
+            [],
+        )
+        if not r.succeeded:
+            raise ConflictError(f"task of {sn} changed concurrently; try again", field="sn")
+        return secret
+
+    async def publish_os_types(self, idc: str, published: OsTypes) -> None:
+        """Write the OS types the IDC's regional can install (see :mod:`lpmosd.boot.ostypes`)."""
+        await self.txn([], [put(schema.os_types_key(idc), published.to_json())])
+
+    async def get_os_types(self, idc: str) -> OsTypes | None:
+        """The OS types the IDC's regional published (None: never, or unreadable)."""
+        kv = await self.client.get(schema.os_types_key(idc))
+        if kv is None:
+            return None
+        try:
+            return OsTypes.from_json(kv.value)
+        except ValidationError as exc:
+            log.warning("invalid os-types document ignored", extra=_bad_doc(kv, exc))
+            return None
 
     async def fail(
         self,

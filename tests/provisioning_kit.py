@@ -15,16 +15,20 @@ from typing import Any
 import httpx
 import trio
 
+from lpmosd.boot.ostypes import OsTypes
 from lpmosd.config import (
+    DEMO_PLAN,
     ROLE_CONTROL_PLANE,
     ROLE_REGIONAL,
     Config,
     ControlPlaneConfig,
     EtcdConfig,
+    Plan,
     RegionalConfig,
 )
 from lpmosd.daemon import Daemon, run_daemon
 from lpmosd.etcd import EtcdClient, open_client
+from lpmosd.models import utcnow
 from lpmosd.store import Store
 from lpmosd.tokens import Role, TokenStore
 
@@ -36,6 +40,24 @@ GUIDE_TASK: dict[str, Any] = {
     "os_type": "Ubuntu 22.04",
     "os_version": "22.04",
 }
+
+#: The plans of the test regionals: the demo plan, and the same simulated steps under the
+#: os_types the tests' task bodies use (the guide's own among them).
+TEST_PLANS: dict[str, Plan] = {
+    name: Plan(os_type=name, steps=DEMO_PLAN.steps)
+    for name in ("demo", "Ubuntu 22.04", "Debian 12")
+}
+
+
+async def publish_os_types(daemon: Daemon, idc: str, os_types: tuple[str, ...]) -> None:
+    """What a regional of ``idc`` offering ``os_types`` publishes (for control-plane-only
+    tests: without it the control plane refuses every task of the IDC)."""
+    # A client of our own: the daemon's may live in another task's trio-asyncio loop.
+    async with open_client(daemon.client.endpoints) as client:
+        await Store(client).publish_os_types(
+            idc, OsTypes(os_types=os_types, published_at=utcnow(), regional_url="")
+        )
+
 
 #: A plausible hardware report, as the agent sends it.
 HARDWARE: dict[str, Any] = {
@@ -106,6 +128,7 @@ def make_config(
             session_ttl=session_ttl,
             rate_limit_per_second=rate_limit_per_second,
             rate_limit_burst=rate_limit_burst,
+            plans=TEST_PLANS,
         )
         if ROLE_REGIONAL in roles
         else None,

@@ -37,10 +37,18 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``lpmosd bench`` and its sub-commands to the CLI."""
-    from lpmosd.bench import add_server, etcd_growth, fleet, offline, progress, watch_traffic
+    from lpmosd.bench import (
+        add_server,
+        boot_files,
+        etcd_growth,
+        fleet,
+        offline,
+        progress,
+        watch_traffic,
+    )
 
     p = sub.add_parser("bench", help="benchmarks: the guide's claims and fleet scale")
     bsub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
-    for module in (add_server, progress, watch_traffic, fleet, offline, etcd_growth):
+    for module in (add_server, progress, watch_traffic, fleet, offline, etcd_growth, boot_files):
         module.register(bsub)
     p.set_defaults(handler=_run)

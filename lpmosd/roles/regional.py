@@ -22,6 +22,7 @@ import trio
 
 from lpmosd import schema
 from lpmosd._trio_util import open_nursery
+from lpmosd.boot.service import BootService
 from lpmosd.config import RegionalConfig
 from lpmosd.credentials import AgentToken
 from lpmosd.errors import EtcdError, ValidationError
@@ -57,11 +58,14 @@ class Regional:
     #: The leadership term every write of this regional is guarded on: a second PXE host
     #: of the IDC runs as a standby, and one that lost its lease while paused writes nothing.
     fence: Fence = field(init=False)
+    #: The IDC's boot server (iPXE scripts, per-boot credentials, artifacts, OS types).
+    boot: BootService = field(init=False)
 
     def __post_init__(self) -> None:
         self.fence = Fence(f"regional {self.config.idc}")
         self.store = self.store.fenced(self.fence)
         self.writer = TaskWriter(self.store)
+        self.boot = BootService(self.config, self.store, lambda: self.machines)
 
     @property
     def idc(self) -> str:
@@ -110,6 +114,7 @@ class Regional:
                     fence=self.fence,
                     ttl=self.config.session_ttl,
                     body=self._session_body,
+                    leader_body=self._leader_body,
                     value=session_value("regional", {"idc": self.idc, "url": self.url}),
                 )
             )
@@ -123,7 +128,9 @@ class Regional:
         machines = PrefixView(self.client, schema.machines_prefix(self.idc))
         servers.listeners.append(self._on_server)
         machines.listeners.append(self._on_machine_key)
+        machines.listeners.append(self.boot.on_machine_key)
         self.agent_tokens.clear()
+        self.boot.reset()
         try:
             async with open_nursery() as nursery:
                 await nursery.start(servers.run)
@@ -138,6 +145,12 @@ class Regional:
                 await trio.sleep_forever()
         finally:
             self.servers = self.machines = None
+
+    async def _leader_body(
+        self, lease: HeldLease, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """What only the active regional does: publish the IDC's installable OS types."""
+        await self.boot.keep_os_types_published(self.url, task_status=task_status)
 
     def _on_server(self, change: Change) -> None:
         if change.kv is not None and change.prev is None and not change.relisted:

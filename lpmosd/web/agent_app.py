@@ -61,6 +61,7 @@ from lpmosd.models import (
 )
 from lpmosd.store import LIVE, StoredTask
 from lpmosd.view import PrefixView
+from lpmosd.web.boot_app import install_boot_routes
 from lpmosd.web.common import (
     error_response,
     install_common,
@@ -184,6 +185,7 @@ def create_agent_app(rg: Regional) -> QuartTrio:
         app, name="regional", readiness=readiness, max_body=max_body, metrics=cfg.metrics_public
     )
     install_status_page(app, rg)
+    install_boot_routes(app, rg.boot)
 
     @app.errorhandler(_TaskEnded)
     async def _task_ended(exc: _TaskEnded) -> Response:

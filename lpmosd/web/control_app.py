@@ -16,6 +16,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from lpmosd import schema
+from lpmosd.boot.ostypes import check_os_type
 from lpmosd.errors import ValidationError
 from lpmosd.models import ApproveRequest, CreateTaskRequest, TaskStatus, sanitize_text, utcnow
 from lpmosd.tokens import Role, parse_expiry, validate_token_name
@@ -124,6 +125,7 @@ def create_control_app(cp: ControlPlane) -> QuartTrio:
     @require_role(Role.OPERATOR)
     async def create_task() -> Response:
         req = CreateTaskRequest.from_obj(await read_json(max_body))
+        check_os_type(req.os_type, req.idc, await store.get_os_types(req.idc))
         task, secret = await store.create_enrolled_task(req, actor=_actor())
         # The secret is shown this once (it is stored hashed): for the boot parameters.
         return json_response({**task.to_dict(), "enrollment_secret": secret}, 201)

@@ -22,9 +22,11 @@ from quart import Blueprint, Response, render_template, request, url_for
 from quart_trio import QuartTrio
 
 from lpmosd import schema
-from lpmosd.errors import EtcdError, InputError, NotFoundError, UnavailableError
+from lpmosd.boot.ostypes import OsTypes, check_os_type
+from lpmosd.errors import EtcdError, InputError, NotFoundError, UnavailableError, ValidationError
 from lpmosd.etcd import leader_of
 from lpmosd.models import CreateTaskRequest, MachineMeta, Task, TaskStatus, format_ts
+from lpmosd.view import PrefixView
 from lpmosd.web.auth import (
     Role,
     check_csrf,
@@ -62,7 +64,8 @@ CREATE_FIELDS: Final = (
     ("idc", "IDC", "dc1", ()),
     ("sn", "Serial number", "sn-001", ()),
     ("mac", "MAC address", "00:1a:2b:3c:4d:5e", ()),
-    ("os_type", "OS", "Ubuntu 22.04", ("demo", "Ubuntu 22.04", "Debian 12", "Rocky 9")),
+    # The choices are what the IDCs' regionals publish (see _create_fields).
+    ("os_type", "OS", "debian-12", ()),
     ("os_version", "OS version", "22.04", ()),
     ("disk_layout", "Disk layout", "auto", ("auto", "lvm", "raid1", "raid10")),
     ("network_config", "Network config", "dhcp", ("dhcp", "static", "bond")),
@@ -111,6 +114,29 @@ class OneTimeSecrets:
         if found is None or trio.current_time() > found[1]:
             return None
         return found[0]
+
+
+def os_type_choices(view: PrefixView | None) -> tuple[str, ...]:
+    """Every OS type some IDC's regional published (``/os/{idc}/os-types``), sorted."""
+    if view is None:
+        return ()
+    names: set[str] = set()
+    for key, kv in view.items.items():
+        parts = key.split("/")
+        if len(parts) == 4 and parts[3] == "os-types":
+            try:
+                names.update(OsTypes.from_json(kv.value).os_types)
+            except ValidationError:
+                continue
+    return tuple(sorted(names))
+
+
+def _create_fields(view: PrefixView | None) -> tuple[tuple[str, str, str, tuple[str, ...]], ...]:
+    choices = os_type_choices(view)
+    return tuple(
+        (name, label, placeholder, choices if name == "os_type" else suggestions)
+        for name, label, placeholder, suggestions in CREATE_FIELDS
+    )
 
 
 def _machine_arg(value: str | None) -> str | None:
@@ -201,9 +227,10 @@ def install_dashboard(app: QuartTrio, cp: ControlPlane) -> LiveHub:
     async def create_form(
         values: dict[str, str], errors: dict[str, str], status: int = 200
     ) -> tuple[str, int]:
+        fields = _create_fields(cp.view)
         page = await render_template(
             "dashboard/create.html",
-            **context(fields=CREATE_FIELDS, values=values, errors=errors, required=_REQUIRED),
+            **context(fields=fields, values=values, errors=errors, required=_REQUIRED),
         )
         return page, status
 
@@ -222,6 +249,7 @@ def install_dashboard(app: QuartTrio, cp: ControlPlane) -> LiveHub:
         body = {k: v for k, v in values.items() if v or k in _REQUIRED}
         try:
             req = CreateTaskRequest.from_obj(body)
+            check_os_type(req.os_type, req.idc, await store.get_os_types(req.idc))
             task, secret = await store.create_enrolled_task(req, actor=current_principal().name)
         except InputError as exc:
             field = exc.field if exc.field in values else "_form"

@@ -25,7 +25,7 @@ from quart_trio import QuartTrio
 
 from lpmosd import schema
 from lpmosd.errors import LpmosdError
-from lpmosd.models import ServerEntry, Task
+from lpmosd.models import ServerEntry, Task, format_ts
 from lpmosd.store import parse_lease_value
 from lpmosd.web.ops import ROLE_METRICS, etcd_probe
 from lpmosd.web.pages import page_headers
@@ -141,6 +141,17 @@ def install_status_page(app: QuartTrio, rg: Regional) -> None:
             agents=agents[:MAX_ROWS],
             agents_total=len(agents),
             errors=list(reversed(rg.session.recent_errors)),
+            unknown_boots=[
+                {
+                    "mac": u.mac,
+                    "count": u.count,
+                    "first_seen": format_ts(u.first_seen),
+                    "last_seen": format_ts(u.last_seen),
+                    "facts": ", ".join(f"{k} {v}" for k, v in sorted(u.facts.items())),
+                }
+                for u in reversed(rg.boot.unknown.values())
+            ],
+            os_types=rg.boot.installable(),
             synced=rg.machines is not None,
         )
 

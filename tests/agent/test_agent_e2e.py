@@ -25,6 +25,7 @@ from provisioning_kit import (
     make_config,
     open_control_api,
     open_daemon,
+    publish_os_types,
     wait_for,
 )
 
@@ -263,6 +264,9 @@ async def test_regional_restart_mid_install(etcd: EtcdProcess, tmp_path: Path) -
     cp_config = dataclasses.replace(config, roles=frozenset({ROLE_CONTROL_PLANE}), regional=None)
     rg_config = dataclasses.replace(config, roles=frozenset({ROLE_REGIONAL}), control_plane=None)
     async with open_daemon(cp_config) as cp, operator_of(cp) as op:
+        # The regional is not up yet: publish what it will offer, as its first start did.
+        assert rg_config.regional is not None
+        await publish_os_types(cp, "dc1", tuple(sorted(rg_config.regional.plans)))
         await op.create()
         await op.act("approve", {})
         async with trio.open_nursery() as nursery:

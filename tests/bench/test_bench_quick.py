@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from lpmosd.bench import add_server, etcd_growth, fleet, offline, progress, watch_traffic
+from lpmosd.bench import (
+    add_server,
+    boot_files,
+    etcd_growth,
+    fleet,
+    offline,
+    progress,
+    watch_traffic,
+)
 from lpmosd.bench.common import BenchOptions
 
 
@@ -107,3 +115,14 @@ async def test_etcd_growth(tmp_path: Path) -> None:
     # Each install writes its task document many times over (what the benchmark measures).
     assert results["puts"] >= 12 * (etcd_growth.PROGRESS + etcd_growth.LOG_BATCHES)
     assert results["bytes_per_install"] > 0 and results["peak_db_in_use_bytes"] > 0
+
+
+async def test_boot_files(tmp_path: Path) -> None:
+    opts = _opts(tmp_path)
+    results = await boot_files.run(opts, downloads=4, size_mb=8, agents=2)
+    _written(opts, boot_files.NAME)
+    # Every download completed in full (download_wave checks each size), for both servers.
+    assert set(results["mb_per_s"]) == {"lpmosd", "nginx"}
+    assert all(len(v) == 1 and v[0] > 0 for v in results["mb_per_s"].values())
+    assert results["heartbeat_count"]["lpmosd"] > 0
+    assert results["heartbeat_errors"] == 0

@@ -127,6 +127,7 @@ async def test_guide_flow_in_processes(cluster: Cluster) -> None:
             # The agent's credentials stay, hashed, and are dead with the task.
             "/os/dc1/machines/sn-001/enrolment",
             "/os/dc1/machines/sn-001/agent-token",
+            schema.os_types_key(IDC),
         }, "the lease key goes with completion"
 
         server = json.loads(keys["/os/dc1/servers/sn-001"].value)

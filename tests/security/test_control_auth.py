@@ -20,11 +20,13 @@ import httpx
 import pytest
 from provisioning_kit import (
     GUIDE_TASK,
+    TEST_PLANS,
     bearer,
     create_token,
     keyspace,
     make_config,
     open_daemon,
+    publish_os_types,
     wait_for,
 )
 
@@ -89,6 +91,7 @@ async def world(etcd: EtcdProcess, client: EtcdClient, store: Store) -> AsyncIte
     """A control plane with: sn-001 pending, sn-002 failed, sn-003 cancelled; one token
     per role (``test-viewer``, ``test-operator``, ``test-admin``)."""
     async with open_daemon(make_config(etcd.endpoints, roles=CP_ONLY)) as daemon:
+        await publish_os_types(daemon, "dc1", tuple(TEST_PLANS))
         for sn in ("sn-001", "sn-002", "sn-003"):
             await store.create_task(CreateTaskRequest.from_obj({**GUIDE_TASK, "sn": sn}), actor="t")
         await store.approve("dc1", "sn-002", approved_by="op")

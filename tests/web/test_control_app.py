@@ -9,10 +9,12 @@ import pytest
 from provisioning_kit import (
     GUIDE_TASK,
     HARDWARE,
+    TEST_PLANS,
     keyspace,
     make_config,
     open_control_api,
     open_daemon,
+    publish_os_types,
 )
 
 from lpmosd.config import ROLE_CONTROL_PLANE
@@ -29,6 +31,8 @@ async def api(etcd: EtcdProcess, aio_loop: None) -> AsyncIterator[httpx.AsyncCli
     """An HTTP client of a control-plane-only daemon, with an admin token (``test-admin``)."""
     config = make_config(etcd.endpoints, roles=frozenset({ROLE_CONTROL_PLANE}))
     async with open_daemon(config) as daemon, open_control_api(daemon) as http:
+        for idc in ("dc1", "dc2"):
+            await publish_os_types(daemon, idc, tuple(TEST_PLANS))
         yield http
 
 

@@ -374,6 +374,9 @@
       document.getElementById("resume-from").textContent = t.resume_from || "—";
       document.getElementById("first-boot-at").textContent =
         t.first_boot_at || (s.status === "completed" ? "not yet (installed, never booted)" : "—");
+      document.getElementById("netboot").textContent = t.netboot
+        ? "on: PXE boots the installer"
+        : "off: PXE boots the disk";
       document.getElementById("deleted").hidden = true;
       showActions(s.status);
       renderApproval(t.approval);
