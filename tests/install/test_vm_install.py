@@ -237,6 +237,7 @@ def _bytes_served(task: dict[str, Any]) -> str:
     return "?"
 
 
+@pytest.mark.slow
 async def test_pxe_install_and_boot_bios(world: World, tmp_path: Path) -> None:
     await install_and_boot(world, tmp_path, uefi=False)
 
