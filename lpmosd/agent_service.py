@@ -34,7 +34,13 @@ from dataclasses import dataclass
 import trio
 
 from lpmosd import schema
-from lpmosd.api_requests import FailRequest, LogRequest, ProgressRequest, RegisterRequest
+from lpmosd.api_requests import (
+    FailRequest,
+    FirstBootRequest,
+    LogRequest,
+    ProgressRequest,
+    RegisterRequest,
+)
 from lpmosd.config import RegionalConfig
 from lpmosd.credentials import MAX_SECRET_CHARS, AgentToken, Enrolment, hash_secret
 from lpmosd.documents import Task, TaskStatus
@@ -427,6 +433,22 @@ class AgentService:
     async def fail(self, call: AgentCall, req: FailRequest, *, op_id: str | None = None) -> Task:
         """The install failed: the task fails with the agent's reason; its lease goes."""
         return await self._finish(call, TaskStatus.FAILED, req.reason, op_id)
+
+    async def first_boot_credential(self, call: AgentCall) -> str:
+        """A one-time credential the installed system presents on its first boot."""
+        task = self.writer.task_of(call.task_kv)
+        return await self.store.issue_first_boot(self.idc, call.sn, task=task)
+
+    async def first_boot(self, sn: str, credential: str, req: FirstBootRequest) -> Task:
+        """The installed system reports its first boot, with its first-boot credential."""
+        view = self.machines()
+        try:
+            stored = await self.store.record_first_boot(
+                self.idc, sn, credential, hostname=req.hostname
+            )
+        except AuthenticationError as exc:
+            raise _refuse("first_boot", exc.message) from None
+        return self._observed(view, stored)
 
     async def _finish(
         self, call: AgentCall, outcome: TaskStatus, reason: str, op_id: str | None

@@ -18,6 +18,7 @@ from lpmosd.documents import (
     MAX_LOG_LINE_CHARS,
     MAX_TEXT_CHARS,
     MachineMeta,
+    parse_ssh_keys,
 )
 from lpmosd.errors import ValidationError
 from lpmosd.fields import Fields, sanitize_text
@@ -29,6 +30,7 @@ __all__ = [
     "ApproveRequest",
     "CreateTaskRequest",
     "FailRequest",
+    "FirstBootRequest",
     "LogLevel",
     "LogRequest",
     "ProgressRequest",
@@ -76,6 +78,7 @@ class CreateTaskRequest:
     os_version: str = ""
     disk_layout: str = "auto"
     network_config: str = "dhcp"
+    ssh_authorized_keys: tuple[str, ...] = ()
 
     @classmethod
     def from_obj(cls, obj: object) -> Self:
@@ -84,7 +87,7 @@ class CreateTaskRequest:
             obj,
             "",
             required=("idc", "sn", "mac", "os_type"),
-            optional=("os_version", "disk_layout", "network_config"),
+            optional=("os_version", "disk_layout", "network_config", "ssh_authorized_keys"),
         )
         return cls(
             idc=validate_idc(f.raw("idc")),
@@ -98,7 +101,21 @@ class CreateTaskRequest:
             network_config=f.get_str(
                 "network_config", default="dhcp", max_len=MAX_FIELD_CHARS, nonempty=True, ident=True
             ),
+            ssh_authorized_keys=parse_ssh_keys(f, "ssh_authorized_keys"),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class FirstBootRequest:
+    """Body of the installed system's first-boot call: its hostname (optional)."""
+
+    hostname: str = ""
+
+    @classmethod
+    def from_obj(cls, obj: object) -> Self:
+        """Parse strictly; ValidationError names the field."""
+        f = Fields(obj, "", required=(), optional=("hostname",))
+        return cls(hostname=f.get_str("hostname", default="", max_len=253, ident=True))
 
 
 @dataclass(frozen=True, slots=True)

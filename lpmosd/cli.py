@@ -86,6 +86,7 @@ SERVER_COMMANDS: Final = (
     "lpmosd.token_cli",
     "lpmosd.etcd_cli",
     "lpmosd.boot.cli",
+    "lpmosd.image.cli",
 )
 
 

@@ -33,7 +33,15 @@ from lpmosd.boot.artifacts import check_artifact_path
 from lpmosd.boot.scripts import check_base_url
 from lpmosd.errors import ConfigError, ValidationError
 from lpmosd.fields import bounded_number
-from lpmosd.plan import DEMO_PLAN, STEP_KEYS, Plan, PlanError, check_os_type, parse_steps
+from lpmosd.plan import (
+    DEBIAN_12_PLAN,
+    DEMO_PLAN,
+    STEP_KEYS,
+    Plan,
+    PlanError,
+    check_os_type,
+    parse_steps,
+)
 from lpmosd.schema import NAME_RE
 
 __all__ = [
@@ -140,7 +148,9 @@ class ControlPlaneConfig:
 
 
 def _default_plans() -> Mapping[str, Plan]:
-    return types.MappingProxyType({DEMO_PLAN.os_type: DEMO_PLAN})
+    return types.MappingProxyType(
+        {DEMO_PLAN.os_type: DEMO_PLAN, DEBIAN_12_PLAN.os_type: DEBIAN_12_PLAN}
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

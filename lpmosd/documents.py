@@ -34,6 +34,8 @@ __all__ = [
     "MAX_PROGRESS_MESSAGE_CHARS",
     "MAX_PROGRESS_STEPS",
     "MAX_SPEED_MBPS",
+    "MAX_SSH_KEYS",
+    "MAX_SSH_KEY_CHARS",
     "MAX_TASK_OPS",
     "MAX_TEXT_CHARS",
     "Approval",
@@ -46,6 +48,7 @@ __all__ = [
     "StatusChange",
     "Task",
     "TaskStatus",
+    "parse_ssh_keys",
     "valid_op_id",
 ]
 
@@ -218,7 +221,44 @@ _TASK_REQUIRED: Final = (
     "created_by",
 )
 # Ours, not the guide's; optional on input so guide-shaped documents parse.
-_TASK_EXTRAS: Final = ("idc", "logs_dropped", "resume_from", "error", "ops", "netboot")
+_TASK_EXTRAS: Final = (
+    "idc",
+    "logs_dropped",
+    "resume_from",
+    "error",
+    "ops",
+    "netboot",
+    "ssh_authorized_keys",
+    "first_boot_at",
+)
+#: At most this many keys for root, each one line of at most this many characters.
+MAX_SSH_KEYS: Final = 32
+MAX_SSH_KEY_CHARS: Final = 8192
+_SSH_KEY_RE: Final = re.compile(
+    r"^(ssh-(rsa|ed25519|dss)|ecdsa-sha2-nistp(256|384|521)|sk-(ssh-ed25519|ecdsa-sha2-nistp256)"
+    r"@openssh\.com) [A-Za-z0-9+/]+=*( [^\r\n]*)?$"
+)
+
+
+def parse_ssh_keys(f: Fields, key: str) -> tuple[str, ...]:
+    """``ssh_authorized_keys``: a list of OpenSSH public key lines (absent = none)."""
+    if not f.has(key) or f.raw(key) is None:
+        return ()
+    out: list[str] = []
+    for i, item in enumerate(f.get_list(key, max_items=MAX_SSH_KEYS)):
+        p = f"{f.path(key)}[{i}]"
+        if not isinstance(item, str):
+            raise ValidationError(f"{p} must be a string", field=p)
+        line = item.strip()
+        if len(line) > MAX_SSH_KEY_CHARS or not _SSH_KEY_RE.match(line):
+            raise ValidationError(
+                f"{p} must be one OpenSSH public key line ('ssh-ed25519 AAAA... comment')",
+                field=p,
+            )
+        out.append(line)
+    return tuple(out)
+
+
 #: Operation ids a task document remembers (see :attr:`Task.ops`).
 MAX_TASK_OPS: Final = 16
 _OP_ID_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,80}")
@@ -252,6 +292,10 @@ class Task(Document):
     resume_from: str | None = None
     #: The last failure reason.
     error: str | None = None
+    #: Public keys for root on the installed system (built-in plans).
+    ssh_authorized_keys: tuple[str, ...] = ()
+    #: When the installed system reported its first boot ("deployed means booted").
+    first_boot_at: datetime | None = None
     #: Ids of the latest writes applied to this document (oldest first, at most
     #: MAX_TASK_OPS). A writer whose outcome was ambiguous looks for its id here rather
     #: than comparing values, so a write is never applied twice. Stored, not shown by
@@ -295,6 +339,8 @@ class Task(Document):
             "resume_from": self.resume_from,
             "error": self.error,
             "netboot": self.netboot,
+            "ssh_authorized_keys": list(self.ssh_authorized_keys),
+            "first_boot_at": None if self.first_boot_at is None else format_ts(self.first_boot_at),
         }
 
     @classmethod
@@ -310,6 +356,7 @@ class Task(Document):
                 raise ValidationError(f"logs[{i}] must be a string", field=f"logs[{i}]")
             logs.append(line)
         approval_raw = f.raw("approval")
+        first_boot_raw = f.raw("first_boot_at") if f.has("first_boot_at") else None
         status = f.get_choice("status", TaskStatus)
         return cls(
             task_id=f.get_str("task_id", nonempty=True, ident=True),
@@ -337,6 +384,8 @@ class Task(Document):
             created_by=f.get_str("created_by"),
             resume_from=f.get_opt_str("resume_from"),
             error=f.get_opt_str("error"),
+            ssh_authorized_keys=parse_ssh_keys(f, "ssh_authorized_keys"),
+            first_boot_at=None if first_boot_raw is None else f.get_ts("first_boot_at"),
             ops=_parse_ops(f.get_list("ops", max_items=MAX_TASK_OPS) if f.has("ops") else []),
             # Documents written before the flag existed: a completed task boots its disk.
             netboot=f.get_bool("netboot", default=status is not TaskStatus.COMPLETED),

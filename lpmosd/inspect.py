@@ -455,9 +455,11 @@ def render_event(event: WatchEvent, *, logs: bool = True) -> list[str]:
         except ValidationError:
             return [f"{where} hardware facts written (unreadable)"]
         return [f"{where} hardware reported: {hardware_summary(meta)}"]
-    if parsed.kind in ("enrolment", "agent_token"):
+    if parsed.kind in ("enrolment", "agent_token", "first_boot"):
         # Agent credentials (hashed; see lpmosd.credentials): say only that they changed.
-        what = "enrolment secret" if parsed.kind == "enrolment" else "agent token"
+        what = {"enrolment": "enrolment secret", "agent_token": "agent token"}.get(
+            parsed.kind, "first-boot credential"
+        )
         return [f"{where} {what} {'removed' if deleted else 'issued'}"]
     # server entry: it mirrors the task, so only additions and removals are news
     if deleted:

@@ -55,6 +55,7 @@ __all__ = [
     "check_transition",
     "complete",
     "fail",
+    "first_boot",
     "new_task",
     "record_progress",
     "retry",
@@ -169,6 +170,7 @@ def new_task(req: CreateTaskRequest, *, task_id: str, now: datetime, actor: str)
         os_version=req.os_version,
         disk_layout=req.disk_layout,
         network_config=req.network_config,
+        ssh_authorized_keys=req.ssh_authorized_keys,
         status=TaskStatus.PENDING,
         status_history=(StatusChange(TaskStatus.PENDING, now, actor),),
         created_at=now,
@@ -284,6 +286,22 @@ def complete(task: Task, *, now: datetime, actor: str = "agent") -> Task:
         resume_from=None,
         netboot=False,
     )
+
+
+def first_boot(task: Task, *, now: datetime, hostname: str = "") -> Task:
+    """Record that the installed system booted (once, on a completed task)."""
+    if task.status is not TaskStatus.COMPLETED:
+        raise ConflictError(
+            f"task is {task.status}: only a completed install can report its first boot",
+            field="status",
+        )
+    if task.first_boot_at is not None:
+        raise ConflictError("the first boot was already reported", field="first_boot_at")
+    now = norm_now(now)
+    line = "First boot of the installed system"
+    if hostname:
+        line += f" (hostname {hostname})"
+    return _with_logs(replace(task, first_boot_at=now), [line], "INFO", now)
 
 
 def _last_step(progress: tuple[ProgressStep, ...]) -> str | None:

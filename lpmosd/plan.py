@@ -17,6 +17,7 @@ from lpmosd.fields import bounded_number
 from lpmosd.schema import STEP_RE
 
 __all__ = [
+    "DEBIAN_12_PLAN",
     "DEFAULT_STEP_TIMEOUT",
     "DEMO_PLAN",
     "MAX_PLAN_STEPS",
@@ -41,7 +42,7 @@ PLAN_PLACEHOLDERS: Final = frozenset(
 DEFAULT_STEP_TIMEOUT: Final = 3600.0
 MAX_STEP_TIMEOUT: Final = 86400.0
 MAX_PLAN_STEPS: Final = 64
-#: The keys of one step, in the config file and on the wire.
+#: The keys of one step in the config file (on the wire also ``action``, of built-in plans).
 STEP_KEYS: Final = ("name", "command", "timeout", "simulate")
 _FORMATTER: Final = string.Formatter()
 
@@ -59,6 +60,9 @@ class PlanStep:
     command: tuple[str, ...] = ()
     timeout: float = DEFAULT_STEP_TIMEOUT
     simulate: float | None = None
+    #: A step the agent carries out itself in Python (the built-in ``debian-12`` plan; see
+    #: :mod:`lpmosd.agent.actions`) instead of a command.
+    action: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -92,6 +96,23 @@ DEMO_PLAN: Final = Plan(
     ),
 )
 """The built-in plan for os_type ``"demo"``: every step is simulated; a config may override it."""
+
+DEBIAN_12_PLAN: Final = Plan(
+    os_type="debian-12",
+    image="images/debian-12.tar.zst",
+    steps=tuple(
+        PlanStep(name=name, action=name, timeout=timeout)
+        for name, timeout in (
+            ("partitioning", 300.0),
+            ("base_system", 1800.0),
+            ("bootloader", 900.0),
+            ("network", 120.0),
+            ("post_install", 300.0),
+        )
+    ),
+)
+"""The built-in plan for os_type ``"debian-12"``: the agent installs the ``debian-12`` image
+itself (``lpmosd image build debian-12``); a config may override it."""
 
 
 class PlaceholderError(ValueError):
@@ -172,16 +193,21 @@ def _parse_step(raw: Mapping[str, Any], path: str) -> PlanStep:
     simulate = raw.get("simulate")
     if simulate is not None:
         simulate = _number(simulate, f"{path}.simulate", 0, timeout, lo_open=True)
+    action = raw.get("action")
+    if action is not None and not isinstance(action, str):
+        raise PlanError(f"{path}.action", "must be a string")
     command: tuple[str, ...] = ()
     raw_command = raw.get("command")
-    # On the wire a simulated step carries an empty command list.
-    if raw_command is not None and (simulate is None or raw_command != []):
-        if simulate is not None:
-            raise PlanError(path, "set either command or simulate, not both")
+    # On the wire a simulated or built-in step carries an empty command list.
+    quiet = simulate is not None or action is not None
+    if raw_command is not None and (not quiet or raw_command != []):
+        if quiet:
+            other = "simulate" if simulate is not None else "action"
+            raise PlanError(path, f"set either command or {other}, not both")
         command = _command(raw_command, f"{path}.command")
-    elif simulate is None:
+    elif not quiet:
         raise PlanError(f"{path}.command", "is required (an argv list) unless simulate is set")
-    return PlanStep(name=name, command=command, timeout=timeout, simulate=simulate)
+    return PlanStep(name=name, command=command, timeout=timeout, simulate=simulate, action=action)
 
 
 def _number(value: object, path: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
@@ -229,6 +255,7 @@ def plan_to_wire(plan: Plan | None) -> dict[str, Any] | None:
         return None
     return {
         "name": plan.os_type,
+        "image": plan.image,
         "steps": [
             {
                 "name": s.name,
@@ -236,6 +263,7 @@ def plan_to_wire(plan: Plan | None) -> dict[str, Any] | None:
                 # Whole seconds as integers, as before fractional timeouts were kept.
                 "timeout": int(s.timeout) if float(s.timeout).is_integer() else s.timeout,
                 "simulate": s.simulate,
+                **({"action": s.action} if s.action is not None else {}),
             }
             for s in plan.steps
         ],
@@ -257,6 +285,9 @@ def plan_from_wire(obj: object) -> Plan | None:
         raw_steps = obj.get("steps")
         if not isinstance(raw_steps, list) or not all(isinstance(s, dict) for s in raw_steps):
             raise PlanError("steps", "must be a list of objects")
-        return Plan(os_type=name, steps=parse_steps(raw_steps))
+        image = obj.get("image", "")
+        if not isinstance(image, str):
+            raise PlanError("image", "must be a string")
+        return Plan(os_type=name, steps=parse_steps(raw_steps), image=image)
     except PlanError as exc:
         raise PlanError(f"plan.{exc.path}" if exc.path else "plan", exc.message) from None

@@ -17,9 +17,15 @@ from typing import Protocol
 from lpmosd import api_requests, documents, lifecycle, schema, timestamps
 from lpmosd.api_requests import CreateTaskRequest
 from lpmosd.boot.ostypes import OsTypes
-from lpmosd.credentials import AgentToken, Enrolment
+from lpmosd.credentials import AgentToken, Enrolment, FirstBootCredential
 from lpmosd.documents import MachineMeta, ServerEntry, Task, TaskStatus
-from lpmosd.errors import ConflictError, InputError, NotFoundError, ValidationError
+from lpmosd.errors import (
+    AuthenticationError,
+    ConflictError,
+    InputError,
+    NotFoundError,
+    ValidationError,
+)
 from lpmosd.etcd import (
     Compare,
     EtcdClient,
@@ -268,6 +274,7 @@ class Store:
             delete(schema.meta_key(req.idc, req.sn)),
             delete(schema.lease_key(req.idc, req.sn)),
             delete(schema.agent_token_key(req.idc, req.sn)),
+            delete(schema.first_boot_key(req.idc, req.sn)),
         ]
         if enrolment is None:
             clear.append(delete(enrolment_key))
@@ -375,7 +382,10 @@ class Store:
         def also(t: Task) -> Sequence[Op]:
             # The failed attempt's agent token must not come back to life with the task:
             # the retried install enrols afresh.
-            ops: list[Op] = [delete(schema.agent_token_key(idc, sn))]
+            ops: list[Op] = [
+                delete(schema.agent_token_key(idc, sn)),
+                delete(schema.first_boot_key(idc, sn)),
+            ]
             if enrolment is not None:
                 fresh = replace(enrolment, task_id=t.task_id, mac=t.mac)
                 ops.append(put(schema.enrolment_key(idc, sn), fresh.to_json()))
@@ -383,6 +393,49 @@ class Store:
 
         stored = await self.update_task(idc, sn, fn, also=also)
         return stored.task
+
+    # --- first boot of the installed system ----------------------------------------------
+
+    async def issue_first_boot(self, idc: str, sn: str, *, task: Task) -> str:
+        """A one-time credential for the first boot of ``task``'s installed system (the
+        agent writes it onto the disk); replaces an earlier one. Returns the credential."""
+        record, credential = FirstBootCredential.issue(task_id=task.task_id, now=self.clock())
+        await self.client.put(schema.first_boot_key(idc, sn), record.to_json())
+        return credential
+
+    async def record_first_boot(
+        self, idc: str, sn: str, credential: str, *, hostname: str = ""
+    ) -> StoredTask:
+        """The installed system booted: check its credential, set ``first_boot_at`` and
+        delete the credential in one Txn (guarded on it, so it works once)."""
+        key = schema.first_boot_key(idc, sn)
+        kv = await self.client.get(key)
+        record = None
+        if kv is not None:
+            try:
+                record = FirstBootCredential.from_json(kv.value)
+            except ValidationError:
+                record = None
+        if kv is None or record is None or not record.matches(credential):
+            raise AuthenticationError(
+                "unknown or already used first-boot credential", field="authorization"
+            )
+        now = self.clock()
+
+        def fn(t: Task) -> Task:
+            if t.task_id != record.task_id:
+                raise AuthenticationError(
+                    "the first-boot credential belongs to an earlier task", field="authorization"
+                )
+            return lifecycle.first_boot(t, now=now, hostname=hostname)
+
+        return await self.update_task(
+            idc,
+            sn,
+            fn,
+            also=lambda t: (delete(key),),
+            guards=(Compare.mod_revision(key, "==", kv.mod_revision),),
+        )
 
     # --- agent credentials (issued by the control plane) --------------------------------
 

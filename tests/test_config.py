@@ -23,7 +23,7 @@ from lpmosd.config import (
     parse_config,
 )
 from lpmosd.errors import ConfigError
-from lpmosd.plan import DEMO_PLAN, PLAN_PLACEHOLDERS, Plan, PlanStep, render_command
+from lpmosd.plan import DEBIAN_12_PLAN, DEMO_PLAN, PLAN_PLACEHOLDERS, Plan, PlanStep, render_command
 
 SHIPPED = Path(__file__).resolve().parent.parent / "packaging" / "lpmosd.toml"
 REGIONAL = '[regional]\nidc = "dc1"\n'
@@ -74,7 +74,7 @@ def test_regional_defaults() -> None:
         50.0,
         100,
     )
-    assert dict(rg.plans) == {"demo": DEMO_PLAN}
+    assert dict(rg.plans) == {"demo": DEMO_PLAN, "debian-12": DEBIAN_12_PLAN}
 
 
 def test_empty_file_means_regional_role_and_needs_its_section() -> None:
@@ -574,7 +574,7 @@ def test_builtin_demo_plan() -> None:
         REGIONAL + '[[regional.plans."CentOS 7".steps]]\nname = "a"\ncommand = ["/a"]\n'
     ).regional
     assert rg is not None
-    assert set(rg.plans) == {"demo", "CentOS 7"}
+    assert set(rg.plans) == {"demo", "debian-12", "CentOS 7"}
     assert rg.plan_for("demo") is DEMO_PLAN
 
 

@@ -120,7 +120,15 @@ GUIDE_CURL_BODY = """{
     "os_version": "22.04"
   }"""
 
-EXTRAS = ("idc", "logs_dropped", "resume_from", "error", "netboot")
+EXTRAS = (
+    "idc",
+    "logs_dropped",
+    "resume_from",
+    "error",
+    "netboot",
+    "ssh_authorized_keys",
+    "first_boot_at",
+)
 
 
 def at(seconds: int) -> datetime:

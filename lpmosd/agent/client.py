@@ -120,6 +120,8 @@ class TaskView:
     resume_from: str | None = None
     #: Latest percent per step name, from the task's progress list.
     progress: Mapping[str, int] = field(default_factory=dict)
+    #: Public keys for root on the installed system (the built-in plans' post_install).
+    ssh_authorized_keys: tuple[str, ...] = ()
 
     @classmethod
     def from_obj(cls, obj: object) -> Self:
@@ -151,6 +153,9 @@ class TaskView:
         resume = obj.get("resume_from")
         if resume is not None and not isinstance(resume, str):
             raise ValueError("task.resume_from must be a string or null")
+        keys = obj.get("ssh_authorized_keys") or []
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise ValueError("task.ssh_authorized_keys must be a list of strings")
         return cls(
             task_id=text("task_id", required=True),
             idc=text("idc"),
@@ -163,6 +168,7 @@ class TaskView:
             status=text("status", required=True),
             resume_from=resume or None,
             progress=progress,
+            ssh_authorized_keys=tuple(keys),
         )
 
     def placeholders(self) -> dict[str, str]:
@@ -524,6 +530,15 @@ class AgentClient:
         if lines:
             body = {"lines": list(lines), "level": level}
             await self._call("POST", f"{self._base}/logs", body, once=True)
+
+    async def first_boot_credential(self) -> str:
+        """``POST /{sn}/first-boot-credential``: the one-time credential the installed
+        system presents on its first boot."""
+        body = await self._call("POST", f"{self._base}/first-boot-credential", {})
+        credential = body.get("credential")
+        if not isinstance(credential, str) or not credential:
+            raise AgentAPIError(200, "malformed response: no credential")
+        return credential
 
     async def complete(self) -> str:
         """``POST /{sn}/complete``; returns the new status."""

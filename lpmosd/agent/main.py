@@ -26,6 +26,7 @@ import httpx
 import trio
 
 from lpmosd._trio_util import open_nursery
+from lpmosd.agent.actions import ActionContext, run_action
 from lpmosd.agent.client import (
     AgentAPIError,
     AgentClient,
@@ -86,6 +87,8 @@ class AgentOptions:
     log_batch_lines: int = 50
     kill_grace: float = 5.0
     work_dir: str | None = None
+    #: The built-in plans' target disk instead of their ``disk_layout`` rule (tests).
+    disk: Path | None = None
     facts: HardwareFacts | None = None
     transport: httpx.AsyncBaseTransport | None = field(default=None, repr=False, compare=False)
 
@@ -323,6 +326,21 @@ class _Agent:
         except AgentAPIError as exc:
             log.warning("could not fail the task", extra={"error": str(exc)})
 
+    def _action_context(
+        self, plan: Plan, reply: TaskReply, values: dict[str, str]
+    ) -> ActionContext:
+        return ActionContext(
+            regional_url=self.client.regional_url,
+            reporter=self.client,
+            values=values,
+            ssh_authorized_keys=reply.task.ssh_authorized_keys,
+            image=plan.image,
+            ca_file=self.opts.ca_file,
+            sysroot=self.opts.sysroot,
+            disk=self.opts.disk,
+            first_boot_credential=self.client.first_boot_credential,
+        )
+
     async def work(self) -> int:
         """Wait for approval and run the plan; returns the exit code or raises _Stop."""
         reply = await self._wait_for_approval()
@@ -347,15 +365,18 @@ class _Agent:
         for i in todo:
             step = plan.steps[i]
             self.current_step = step.name
-            result = await run_step(
-                step,
-                values,
-                self.client,
-                flush_interval=self.opts.log_flush_interval,
-                batch_lines=self.opts.log_batch_lines,
-                kill_grace=self.opts.kill_grace,
-                cwd=self.opts.work_dir,
-            )
+            if step.action is not None:
+                result = await run_action(step, self._action_context(plan, reply, values))
+            else:
+                result = await run_step(
+                    step,
+                    values,
+                    self.client,
+                    flush_interval=self.opts.log_flush_interval,
+                    batch_lines=self.opts.log_batch_lines,
+                    kill_grace=self.opts.kill_grace,
+                    cwd=self.opts.work_dir,
+                )
             if not result.ok:
                 reason = _failure_reason(step.name, result)
                 await self.client.logs([reason[:MAX_LOG_LINE_CHARS]], "ERROR")

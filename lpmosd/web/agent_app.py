@@ -18,13 +18,20 @@ from prometheus_client import Counter
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from lpmosd.agent_service import AgentService, TaskEndedError
-from lpmosd.api_requests import FailRequest, LogRequest, ProgressRequest, RegisterRequest
+from lpmosd import schema
+from lpmosd.agent_service import AgentService, TaskEndedError, bearer_token
+from lpmosd.api_requests import (
+    FailRequest,
+    FirstBootRequest,
+    LogRequest,
+    ProgressRequest,
+    RegisterRequest,
+)
 from lpmosd.documents import Task, valid_op_id
 from lpmosd.errors import ValidationError
 from lpmosd.metrics import REGISTRY
 from lpmosd.plan import plan_to_wire
-from lpmosd.timestamps import utcnow
+from lpmosd.timestamps import format_ts, utcnow
 from lpmosd.web.boot_app import install_boot_routes
 from lpmosd.web.common import (
     error_response,
@@ -63,6 +70,7 @@ def task_view(task: Task) -> dict[str, Any]:
         "approval": task.approval.to_dict() if task.approval else None,
         "resume_from": task.resume_from,
         "progress": [p.to_dict() for p in task.progress],
+        "ssh_authorized_keys": list(task.ssh_authorized_keys),
     }
 
 
@@ -213,5 +221,30 @@ def create_agent_app(rg: Regional) -> QuartTrio:
         call = await agents.authorize(sn, _authorization())
         req = FailRequest.from_obj(await read_json(max_body))
         return status(await agents.fail(call, req, op_id=_op_id()))
+
+    # --- first boot of the installed system ("deployed means booted") ---------------------
+
+    @app.post("/api/v1/agent/<sn>/first-boot-credential")
+    async def first_boot_credential(sn: str) -> Response:
+        """The agent, during post_install: a one-time credential for the new system."""
+        call = await agents.authorize(sn, _authorization())
+        no_fields(await read_json(max_body, empty_ok=True))
+        return json_response({"credential": await agents.first_boot_credential(call)})
+
+    @app.post("/api/v1/agent/<sn>/first-boot")
+    async def first_boot(sn: str) -> Response:
+        """The installed system, once: its first-boot credential as the bearer token."""
+        agents.machines()
+        sn = schema.validate_sn(sn)
+        credential = bearer_token(_authorization())
+        req = FirstBootRequest.from_obj(await read_json(max_body, empty_ok=True))
+        task = await agents.first_boot(sn, credential, req)
+        first = task.first_boot_at
+        return json_response(
+            {
+                "status": task.status.value,
+                "first_boot_at": None if first is None else format_ts(first),
+            }
+        )
 
     return app

@@ -115,6 +115,7 @@ def task_detail(task: Task) -> dict[str, Any]:
         "status": task.status.value,
         "error": task.error,
         "resume_from": task.resume_from,
+        "first_boot_at": None if task.first_boot_at is None else format_ts(task.first_boot_at),
         "netboot": task.netboot,
         "progress": [p.to_dict() for p in task.progress],
         "history": [c.to_dict() for c in task.status_history],
