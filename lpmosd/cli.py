@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Final
 
 import trio
 
 from lpmosd import __version__
+from lpmosd.agent.cli import register as register_agent
 from lpmosd.config import DEFAULT_CONFIG_PATH, Config, load_config
 from lpmosd.errors import ConfigError, EtcdError, LpmosdError
 from lpmosd.logs import setup_logging
@@ -74,8 +77,27 @@ def _add_common(p: argparse.ArgumentParser, *, config: bool = True) -> None:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every sub-command."""
+#: Modules whose ``register(subparsers)`` adds the operator commands; they need the server
+#: stack (the ``server`` extra), the agent does not.
+SERVER_COMMANDS: Final = (
+    "lpmosd.migrate",
+    "lpmosd.inspect",
+    "lpmosd.bench",
+    "lpmosd.token_cli",
+    "lpmosd.etcd_cli",
+    "lpmosd.boot.cli",
+    "lpmosd.image.cli",
+)
+
+
+def _ours(exc: ModuleNotFoundError) -> bool:
+    """Whether the missing module is lpmosd's own (a bug), not a dependency."""
+    return exc.name is None or exc.name.split(".")[0] == "lpmosd"
+
+
+def build_parser(*, agent_only: bool = False) -> argparse.ArgumentParser:
+    """The argument parser of every sub-command (``agent_only``: just ``lpmosd agent``,
+    which then imports only the agent's dependencies: trio, httpx, the standard library)."""
     parser = argparse.ArgumentParser(prog="lpmosd", description="Bare-metal OS provisioning.")
     parser.add_argument("--version", action="version", version=f"lpmosd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -96,40 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-demo", action="store_true", help="do not run the demo task")
     p.set_defaults(handler=_cmd_dev)
 
-    try:
-        from lpmosd.agent.cli import register as register_agent
-    except ImportError:  # pragma: no cover - the agent lands separately
-        pass
-    else:
-        register_agent(sub)
-
-    from lpmosd.inspect import register as register_inspect
-    from lpmosd.migrate import register as register_migrate
-
-    register_migrate(sub)
-    register_inspect(sub)
-
-    from lpmosd.bench import register as register_bench
-
-    register_bench(sub)
-
-    from lpmosd.token_cli import register as register_token
-
-    register_token(sub)
-
-    from lpmosd.etcd_cli import register as register_etcd
-
-    register_etcd(sub)
-
-    from lpmosd.boot.cli import register as register_boot
-
-    register_boot(sub)
+    register_agent(sub)
+    if not agent_only:
+        for module in SERVER_COMMANDS:
+            try:
+                importlib.import_module(module).register(sub)
+            except ModuleNotFoundError as exc:
+                if _ours(exc):
+                    raise
+                # An agent-only install (the installer image) has no server stack.
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the lpmosd command line; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(agent_only=argv[:1] == ["agent"]).parse_args(argv)
     handler: Handler = args.handler
     try:
         return handler(args)
@@ -144,3 +148,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as exc:
+        if _ours(exc):
+            raise
+        print(
+            f"lpmosd: {args.command} needs the server stack, which this installation lacks "
+            f"(no module {exc.name!r}): pip install 'lpmosd[server]'",
+            file=sys.stderr,
+        )
+        return 2

@@ -9,8 +9,8 @@ objects: only their paths are, and :meth:`EtcdConfig.read_password` reads the pa
 
 Public API: :func:`load_config`, :func:`parse_config`, :func:`dev_config`,
 :meth:`Config.with_overrides`, and the dataclasses :class:`Config`, :class:`EtcdConfig`,
-:class:`EtcdTLS`, :class:`EtcdAuth`, :class:`ControlPlaneConfig`, :class:`RegionalConfig`,
-:class:`Plan`, :class:`PlanStep`.
+:class:`EtcdTLS`, :class:`EtcdAuth`, :class:`ControlPlaneConfig`, :class:`RegionalConfig`
+(plans are :class:`lpmosd.plan.Plan`).
 """
 
 from __future__ import annotations
@@ -19,10 +19,8 @@ import dataclasses
 import difflib
 import ipaddress
 import json
-import math
 import re
 import stat
-import string
 import tomllib
 import types
 from collections.abc import Collection, Mapping, Sequence
@@ -34,13 +32,22 @@ from urllib.parse import urlsplit
 from lpmosd.boot.artifacts import check_artifact_path
 from lpmosd.boot.scripts import check_base_url
 from lpmosd.errors import ConfigError, ValidationError
+from lpmosd.fields import bounded_number
+from lpmosd.plan import (
+    DEBIAN_12_PLAN,
+    DEMO_PLAN,
+    STEP_KEYS,
+    Plan,
+    PlanError,
+    check_os_type,
+    parse_steps,
+)
+from lpmosd.schema import NAME_RE
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
-    "DEMO_PLAN",
     "LOG_FORMATS",
     "LOG_LEVELS",
-    "PLAN_PLACEHOLDERS",
     "ROLES",
     "ROLE_CONTROL_PLANE",
     "ROLE_REGIONAL",
@@ -49,8 +56,6 @@ __all__ = [
     "EtcdAuth",
     "EtcdConfig",
     "EtcdTLS",
-    "Plan",
-    "PlanStep",
     "RegionalConfig",
     "dev_config",
     "load_config",
@@ -68,20 +73,10 @@ ROLES: Final = frozenset({ROLE_CONTROL_PLANE, ROLE_REGIONAL})
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("json", "text")
 
-PLAN_PLACEHOLDERS: Final = frozenset(
-    {"task_id", "idc", "sn", "mac", "os_type", "os_version", "disk_layout", "network_config"}
-)
-"""Task fields a plan step's command may reference as ``{name}`` (``{{``/``}}`` for braces)."""
-
 _DEFAULT_ENDPOINTS: Final = ("http://127.0.0.1:2379",)
 _DEFAULT_MAX_BODY: Final = 1024 * 1024
 _MAX_BODY_RANGE: Final = (1024, 64 * 1024 * 1024)
-_DEFAULT_STEP_TIMEOUT: Final = 3600.0
-_MAX_PLAN_STEPS: Final = 64
 
-# Same rule as schema names (idc, sn): it becomes an etcd key segment.
-_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_STEP_NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 _HOSTNAME_RE: Final = re.compile(
     r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
@@ -177,63 +172,10 @@ class ControlPlaneConfig:
     compaction_interval: float = 300.0
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class PlanStep:
-    """One step of an install plan.
-
-    ``command`` is an argv (never a shell string); its arguments may contain
-    :data:`PLAN_PLACEHOLDERS` as ``{name}``, filled in by :meth:`render`. A step with
-    ``simulate`` set has no command: the agent sleeps that many seconds instead (demo plan).
-    """
-
-    name: str
-    command: tuple[str, ...] = ()
-    timeout: float = _DEFAULT_STEP_TIMEOUT
-    simulate: float | None = None
-
-    def render(self, values: Mapping[str, str]) -> tuple[str, ...]:
-        """Return ``command`` with ``{placeholder}`` fields replaced from ``values``.
-
-        Raises KeyError if a placeholder used by the command is missing from ``values``.
-        """
-        return tuple(arg.format_map(values) for arg in self.command)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Plan:
-    """The ordered steps an agent runs to install one ``os_type``."""
-
-    os_type: str
-    steps: tuple[PlanStep, ...]
-    #: The OS image the plan installs, relative to ``[regional.boot] artifacts_dir``: the
-    #: regional offers the plan only while that file exists ("" = needs no image).
-    image: str = ""
-
-    @property
-    def step_names(self) -> tuple[str, ...]:
-        """Step names in order."""
-        return tuple(step.name for step in self.steps)
-
-
-DEMO_PLAN: Final = Plan(
-    os_type="demo",
-    steps=tuple(
-        PlanStep(name=name, timeout=60.0, simulate=1.0)
-        for name in (
-            "partitioning",
-            "base_system",
-            "packages",
-            "bootloader",
-            "network",
-            "post_install",
-        )
-    ),
-)
-"""The built-in plan for os_type ``"demo"``: every step is simulated; a config may override it."""
-
-
 def _default_plans() -> Mapping[str, Plan]:
-    return types.MappingProxyType({DEMO_PLAN.os_type: DEMO_PLAN})
+    return types.MappingProxyType(
+        {DEMO_PLAN.os_type: DEMO_PLAN, DEBIAN_12_PLAN.os_type: DEBIAN_12_PLAN}
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -707,27 +649,23 @@ def _parse_plans(value: object, path: str) -> Mapping[str, Plan]:
     plans = dict(_default_plans())  # "demo" always exists; the file may replace it
     for os_type, plan_value in table.items():
         plan_path = _join(path, os_type)
-        if not (0 < len(os_type) <= 128 and os_type.isprintable() and os_type.strip() == os_type):
-            raise ConfigError(
-                plan_path, "os_type must be 1..128 printable characters, no surrounding spaces"
-            )
         sec = _Section(plan_value, plan_path, ("steps", "image"))
         steps_path = sec.key("steps")
         raw_steps = sec.require("steps")
         if not isinstance(raw_steps, list) or not all(isinstance(s, Mapping) for s in raw_steps):
             raise ConfigError(steps_path, "must be a list of tables")
-        if not 1 <= len(raw_steps) <= _MAX_PLAN_STEPS:
-            raise ConfigError(steps_path, f"must have 1..{_MAX_PLAN_STEPS} steps")
-        steps: list[PlanStep] = []
         for i, raw in enumerate(raw_steps):
-            step = _parse_step(raw, f"{steps_path}[{i}]")
-            if any(s.name == step.name for s in steps):
-                raise ConfigError(f"{steps_path}[{i}].name", f"duplicate step name {step.name!r}")
-            steps.append(step)
+            _Section(raw, f"{steps_path}[{i}]", STEP_KEYS)  # unknown keys, with a hint
+        try:
+            check_os_type(os_type)
+            steps = parse_steps(raw_steps)
+        except PlanError as exc:
+            where = f"{plan_path}.{exc.path}" if exc.path else plan_path
+            raise ConfigError(where, exc.message) from None
         image = ""
         if "image" in sec:
             image = _artifact_path(sec.get("image"), sec.key("image"))
-        plans[os_type] = Plan(os_type=os_type, steps=tuple(steps), image=image)
+        plans[os_type] = Plan(os_type=os_type, steps=steps, image=image)
     return types.MappingProxyType(plans)
 
 
@@ -738,53 +676,6 @@ def _artifact_path(value: object, path: str) -> str:
         return check_artifact_path(text)
     except ValidationError as exc:
         raise ConfigError(path, exc.message) from None
-
-
-def _parse_step(value: object, path: str) -> PlanStep:
-    sec = _Section(value, path, ("name", "command", "timeout", "simulate"))
-    name = _string(sec.require("name"), sec.key("name"))
-    if not _STEP_NAME_RE.fullmatch(name):
-        raise ConfigError(sec.key("name"), f"must match {_STEP_NAME_RE.pattern}")
-    timeout = _number(sec.get("timeout", _DEFAULT_STEP_TIMEOUT), sec.key("timeout"), 1, 86400)
-    simulate = None
-    if "simulate" in sec:
-        simulate = _number(sec.get("simulate"), sec.key("simulate"), 0, timeout, lo_open=True)
-    command: tuple[str, ...] = ()
-    if "command" in sec:
-        if simulate is not None:
-            raise ConfigError(path, "set either command or simulate, not both")
-        command = _command(sec.get("command"), sec.key("command"))
-    elif simulate is None:
-        raise ConfigError(sec.key("command"), "is required (an argv list) unless simulate is set")
-    return PlanStep(name=name, command=command, timeout=timeout, simulate=simulate)
-
-
-def _command(value: object, path: str) -> tuple[str, ...]:
-    argv = _str_list(value, path)
-    if not argv:
-        raise ConfigError(path, "must not be empty")
-    # An absolute program path: no PATH lookup on the machine being installed, no shell.
-    if not argv[0].startswith("/") or "{" in argv[0]:
-        raise ConfigError(f"{path}[0]", "must be an absolute program path without placeholders")
-    for i, arg in enumerate(argv):
-        try:
-            fields = list(string.Formatter().parse(arg))
-        except ValueError as exc:
-            raise ConfigError(f"{path}[{i}]", f"bad placeholder syntax: {exc}") from exc
-        for _, name, spec, conversion in fields:
-            if name is None:
-                continue
-            if name not in PLAN_PLACEHOLDERS:
-                known = ", ".join("{" + p + "}" for p in sorted(PLAN_PLACEHOLDERS))
-                raise ConfigError(
-                    f"{path}[{i}]",
-                    f"unknown placeholder {{{name}}} (known: {known}; write {{{{ }}}} for braces)",
-                )
-            if spec or conversion:
-                raise ConfigError(
-                    f"{path}[{i}]", f"placeholder {{{name}}} takes no conversion or format spec"
-                )
-    return tuple(argv)
 
 
 def _listener_tls(sec: _Section, base: Path) -> tuple[Path | None, Path | None]:
@@ -901,13 +792,10 @@ def _integer(value: object, path: str, lo: int, hi: int) -> int:
 
 
 def _number(value: object, path: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(path, "must be a number")
-    number = float(value)
-    if not math.isfinite(number) or number > hi or number < lo or (lo_open and number == lo):
-        expected = f"> {lo:g} and ≤ {hi:g}" if lo_open else f"{lo:g}..{hi:g}"
-        raise ConfigError(path, f"must be {expected}")
-    return number
+    try:
+        return bounded_number(value, lo, hi, lo_open=lo_open)
+    except ValueError as exc:
+        raise ConfigError(path, str(exc)) from None
 
 
 def _roles(value: object, path: str) -> frozenset[str]:
@@ -928,8 +816,9 @@ def _idc(value: object, path: str) -> str:
     idc = _string(value, path)
     if not idc:
         raise ConfigError(path, "must be set (the IDC this host serves)")
-    if not _NAME_RE.fullmatch(idc):
-        raise ConfigError(path, f"must match {_NAME_RE.pattern}")
+    # The schema's rule: it becomes an etcd key segment.
+    if not NAME_RE.fullmatch(idc):
+        raise ConfigError(path, f"must match {NAME_RE.pattern}")
     return idc
 
 

@@ -12,6 +12,8 @@ Agent credentials live beside the task they belong to (see :mod:`lpmosd.schema`)
 
     /os/{idc}/machines/{sn}/enrolment    Enrolment  (issued on task create/retry/reissue)
     /os/{idc}/machines/{sn}/agent-token  AgentToken (issued by the regional on register)
+    /os/{idc}/machines/{sn}/first-boot   FirstBootCredential (issued to the agent during the
+                                         install; the installed system presents it once)
 
 Both are bound to the task's ``task_id``: a credential of an earlier task of the same server
 is worthless even if its key survived somehow.
@@ -28,15 +30,17 @@ from datetime import datetime
 from typing import Any, Final, Self
 
 from lpmosd.errors import ValidationError
-from lpmosd.models import format_ts, parse_ts
+from lpmosd.timestamps import format_ts, parse_ts
 
 __all__ = [
     "AGENT_TOKEN_PREFIX",
     "ENROLMENT_PREFIX",
+    "FIRST_BOOT_PREFIX",
     "MAX_SECRET_CHARS",
     "OPERATOR_TOKEN_PREFIX",
     "AgentToken",
     "Enrolment",
+    "FirstBootCredential",
     "hash_secret",
     "new_secret",
     "secret_matches",
@@ -45,6 +49,7 @@ __all__ = [
 OPERATOR_TOKEN_PREFIX: Final = "lpm_"
 ENROLMENT_PREFIX: Final = "lpe_"
 AGENT_TOKEN_PREFIX: Final = "lpa_"
+FIRST_BOOT_PREFIX: Final = "lpf_"
 #: Longer presented secrets are refused before hashing (ours are 47 characters).
 MAX_SECRET_CHARS: Final = 256
 _SECRET_BYTES: Final = 32
@@ -199,5 +204,55 @@ class AgentToken:
             task_id=_str(obj, "task_id", "agent_token"),
             mac=_str(obj, "mac", "agent_token"),
             token_hash=_str(obj, "token_hash", "agent_token"),
+            issued_at=issued_at,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FirstBootCredential:
+    """The one-time credential the installed system presents on its first boot, as stored.
+
+    The agent asks for it during post_install and writes it onto the new system; the first
+    boot call deletes it in the Txn that records ``first_boot_at``.
+    """
+
+    task_id: str
+    credential_hash: str = ""
+    issued_at: datetime
+
+    @classmethod
+    def issue(cls, *, task_id: str, now: datetime) -> tuple[Self, str]:
+        """A new record and the credential itself (returned once to the agent)."""
+        credential = new_secret(FIRST_BOOT_PREFIX)
+        return cls(task_id=task_id, credential_hash=hash_secret(credential), issued_at=now), (
+            credential
+        )
+
+    def matches(self, credential: str) -> bool:
+        """Whether ``credential`` is this record's (constant time)."""
+        return secret_matches(credential, self.credential_hash)
+
+    def to_json(self) -> str:
+        """The stored JSON."""
+        return _dumps(
+            {
+                "task_id": self.task_id,
+                "credential_hash": self.credential_hash,
+                "issued_at": format_ts(self.issued_at),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Self:
+        """Parse a stored record; ValidationError when it is not one."""
+        obj = _loads(data, "first_boot")
+        issued_at = _ts(obj, "issued_at", "first_boot")
+        if issued_at is None:
+            raise ValidationError(
+                "stored first-boot credential lacks issued_at", field="first_boot"
+            )
+        return cls(
+            task_id=_str(obj, "task_id", "first_boot"),
+            credential_hash=_str(obj, "credential_hash", "first_boot"),
             issued_at=issued_at,
         )

@@ -1,4 +1,9 @@
-"""The supervisor: one etcd client, each role in its own nursery, signals, readiness."""
+"""The supervisor: one etcd client, the roles and their HTTP apps, signals, readiness.
+
+This is where roles and apps meet: each role is core state plus background work
+(:mod:`lpmosd.roles`), each app is HTTP over it (:mod:`lpmosd.web`); the daemon builds
+both and serves the app, so that web depends on the roles and never the other way.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,21 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
+from quart_trio import QuartTrio
 
 from lpmosd._trio_util import open_nursery
-from lpmosd.config import Config, EtcdConfig
-from lpmosd.etcd import Auth, EtcdClient, TLSFiles, ensure_loop, open_client
+from lpmosd.config import Config, ControlPlaneConfig, EtcdConfig, RegionalConfig
+from lpmosd.etcd import EtcdClient, ensure_loop, open_client
+from lpmosd.opsutil import etcd_credentials
 from lpmosd.roles.control_plane import ControlPlane
 from lpmosd.roles.regional import Regional
 from lpmosd.store import Store
+from lpmosd.web.agent_app import create_agent_app
+from lpmosd.web.control_app import create_control_app
+from lpmosd.web.server import serve_app
 
 log = logging.getLogger("lpmosd.daemon")
 
@@ -35,17 +46,7 @@ class Daemon:
 @asynccontextmanager
 async def open_etcd(cfg: EtcdConfig) -> AsyncIterator[EtcdClient]:
     """An etcd client configured from the ``[etcd]`` section."""
-    tls = (
-        TLSFiles(
-            str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
-            str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
-            str(cfg.tls.key_file) if cfg.tls.key_file else None,
-        )
-        if cfg.tls
-        else None
-    )
-    password = cfg.read_password()
-    auth = Auth(cfg.auth.username, password) if cfg.auth and password is not None else None
+    tls, auth = etcd_credentials(cfg)
     async with open_client(
         list(cfg.endpoints),
         tls=tls,
@@ -77,14 +78,37 @@ async def run_daemon(
         daemon = Daemon(client)
         async with open_nursery() as nursery:
             if config.control_plane is not None:
-                daemon.control_plane = ControlPlane(config.control_plane, client, store)
-                daemon.urls["control-plane"] = await nursery.start(daemon.control_plane.run)
+                cp = daemon.control_plane = ControlPlane(config.control_plane, client, store)
+                app = create_control_app(cp)
+                await nursery.start(cp.run)  # the view is synced before the API answers
+                url = await nursery.start(_serve, app, config.control_plane)
+                log.info("control plane listening", extra={"url": url})
+                daemon.urls["control-plane"] = url
             if config.regional is not None:
-                daemon.regional = Regional(config.regional, client, store)
-                daemon.urls["regional"] = await nursery.start(daemon.regional.run)
+                rg = daemon.regional = Regional(config.regional, client, store)
+                # Served first: the regional advertises its URL in its session key.
+                url = await nursery.start(_serve, create_agent_app(rg), config.regional)
+                await nursery.start(partial(rg.run, url=url))
+                daemon.urls["regional"] = url
             log.info("lpmosd ready", extra={"roles": sorted(config.roles), **daemon.urls})
             sd_notify("READY=1")
             task_status.started(daemon)
+
+
+async def _serve(
+    app: QuartTrio,
+    cfg: ControlPlaneConfig | RegionalConfig,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await serve_app(
+        app,
+        host=cfg.listen,
+        port=cfg.port,
+        certfile=cfg.tls_cert_file,
+        keyfile=cfg.tls_key_file,
+        task_status=task_status,
+    )
 
 
 async def serve_until_signalled(config: Config) -> None:

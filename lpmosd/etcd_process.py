@@ -42,11 +42,13 @@ from typing import Self
 
 import trio
 
+from lpmosd.etcd import TLSFiles
+
 __all__ = [
+    "CertificateSet",
     "EtcdCluster",
     "EtcdProcess",
     "EtcdProcessError",
-    "TLSFiles",
     "find_etcd_binary",
     "find_etcdctl_binary",
 ]
@@ -73,8 +75,8 @@ class EtcdProcessError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class TLSFiles:
-    """Paths of a CA, a server certificate and a client certificate (PEM files).
+class CertificateSet:
+    """Paths of a CA, a server certificate and a client certificate (PEM files) for a test etcd.
 
     ``ca_cert`` signs both; the server certificate is valid for ``127.0.0.1`` and
     ``localhost``. Tests get one from the ``tls_certs`` fixture.
@@ -85,6 +87,10 @@ class TLSFiles:
     server_key: Path
     client_cert: Path
     client_key: Path
+
+    def client_tls(self) -> TLSFiles:
+        """What an etcd client needs to talk to a server using these certificates."""
+        return TLSFiles(str(self.ca_cert), str(self.client_cert), str(self.client_key))
 
     def client_ssl_context(self, *, with_client_cert: bool = True) -> ssl.SSLContext:
         """An SSL context trusting ``ca_cert``, presenting the client certificate if asked."""

@@ -4,7 +4,8 @@ Code marks a point with ``await hooks.reach("writer.before-txn")``. Nothing happ
 a test asked for it, either in-process (:func:`install`) or, for a child process, with the
 environment variable ``LPMOSD_FAULT_AT="point:action,..."`` where action is ``stop``
 (SIGSTOP itself, to be woken with SIGCONT) or ``kill`` (SIGKILL itself). Environment faults
-fire once per process, at the first time the point is reached.
+fire once per process, the first time the point is reached, or the n-th time with
+``point#n:action`` (``migrate.after-txn#50:stop``: after the 50th server's Txn).
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ Handler = Callable[[], Awaitable[None]]
 _handlers: dict[str, Handler] = {}
 
 
-def _from_env() -> dict[str, signal.Signals]:
-    faults: dict[str, signal.Signals] = {}
+def _from_env() -> dict[str, tuple[int, signal.Signals]]:
+    """point -> (reaches left before the fault, its signal)."""
+    faults: dict[str, tuple[int, signal.Signals]] = {}
     for item in os.environ.get(ENV, "").split(","):
-        point, _, action = item.strip().rpartition(":")
-        if point and action in _SIGNALS:
-            faults[point] = _SIGNALS[action]
+        where, _, action = item.strip().rpartition(":")
+        point, _, nth = where.partition("#")
+        if point and action in _SIGNALS and (not nth or (nth.isdigit() and int(nth) > 0)):
+            faults[point] = (int(nth or 1), _SIGNALS[action])
     return faults
 
 
@@ -38,8 +41,13 @@ async def reach(point: str) -> None:
     handler = _handlers.get(point)
     if handler is not None:
         await handler()
-    sig = _env_faults.pop(point, None)
-    if sig is not None:
+    fault = _env_faults.get(point)
+    if fault is not None:
+        left, sig = fault
+        if left > 1:
+            _env_faults[point] = (left - 1, sig)
+            return
+        del _env_faults[point]
         os.kill(os.getpid(), sig)
 
 

@@ -24,10 +24,10 @@ from typing import Any, Final
 import trio
 
 from lpmosd import schema
+from lpmosd.documents import MachineMeta, ProgressStep, ServerEntry, Task
 from lpmosd.errors import CompactedError, NotFoundError, ValidationError
 from lpmosd.etcd import EtcdClient, EventType, KeyValue, WatchEvent, watch
 from lpmosd.migrate import v2
-from lpmosd.models import MachineMeta, ProgressStep, ServerEntry, Task, format_ts
 from lpmosd.opsutil import (
     add_etcd_arguments,
     bar,
@@ -38,6 +38,7 @@ from lpmosd.opsutil import (
     sn_arg,
 )
 from lpmosd.store import hardware_summary, parse_lease_value
+from lpmosd.timestamps import format_ts
 
 __all__ = [
     "register",
@@ -454,9 +455,11 @@ def render_event(event: WatchEvent, *, logs: bool = True) -> list[str]:
         except ValidationError:
             return [f"{where} hardware facts written (unreadable)"]
         return [f"{where} hardware reported: {hardware_summary(meta)}"]
-    if parsed.kind in ("enrolment", "agent_token"):
+    if parsed.kind in ("enrolment", "agent_token", "first_boot"):
         # Agent credentials (hashed; see lpmosd.credentials): say only that they changed.
-        what = "enrolment secret" if parsed.kind == "enrolment" else "agent token"
+        what = {"enrolment": "enrolment secret", "agent_token": "agent token"}.get(
+            parsed.kind, "first-boot credential"
+        )
         return [f"{where} {what} {'removed' if deleted else 'issued'}"]
     # server entry: it mirrors the task, so only additions and removals are news
     if deleted:

@@ -53,3 +53,14 @@ ETCD_COMPACTED_REVISION = Gauge(
     "The revision this process last compacted etcd's history to.",
     registry=REGISTRY,
 )
+AGENT_AUTH_FAILURES = Counter(
+    "lpmosd_agent_auth_failures_total",
+    "Refused agent API calls by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
+REPORTS_JOURNALED = Counter(
+    "lpmosd_reports_journaled_total",
+    "Agent reports journaled because etcd did not take them (applied later, in order).",
+    registry=REGISTRY,
+)

@@ -39,6 +39,7 @@ __all__ = [
     "add_etcd_arguments",
     "bar",
     "etcd_config_from_args",
+    "etcd_credentials",
     "idc_arg",
     "open_etcd_client",
     "run_trio",
@@ -131,15 +132,8 @@ def etcd_config_from_args(args: argparse.Namespace) -> EtcdConfig:
 # ------------------------------------------------------------------------------ client
 
 
-@asynccontextmanager
-async def open_etcd_client(
-    cfg: EtcdConfig, *, timeout: float = DEFAULT_CONNECT_TIMEOUT
-) -> AsyncIterator[EtcdClient]:
-    """A connected client, or EtcdUnavailableError with one clear line after ``timeout`` s.
-
-    The connect check (and its retries over the endpoints) shares ``timeout``; afterwards
-    requests use the config's ``request_timeout``.
-    """
+def etcd_credentials(cfg: EtcdConfig) -> tuple[TLSFiles | None, Auth | None]:
+    """The client TLS files and auth of an ``[etcd]`` section (the password read now)."""
     tls = None
     if cfg.tls is not None:
         tls = TLSFiles(
@@ -149,6 +143,19 @@ async def open_etcd_client(
         )
     password = cfg.read_password()
     auth = Auth(cfg.auth.username, password) if cfg.auth and password is not None else None
+    return tls, auth
+
+
+@asynccontextmanager
+async def open_etcd_client(
+    cfg: EtcdConfig, *, timeout: float = DEFAULT_CONNECT_TIMEOUT
+) -> AsyncIterator[EtcdClient]:
+    """A connected client, or EtcdUnavailableError with one clear line after ``timeout`` s.
+
+    The connect check (and its retries over the endpoints) shares ``timeout``; afterwards
+    requests use the config's ``request_timeout``.
+    """
+    tls, auth = etcd_credentials(cfg)
     # The client tries max(2, n) endpoints before giving up: split the budget between them.
     per_attempt = timeout / max(2, len(cfg.endpoints))
     where = ", ".join(cfg.endpoints)

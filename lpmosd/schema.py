@@ -8,6 +8,7 @@
     /os/{idc}/machines/{sn}/lease   "lease-<id>", attached to the agent's lease
     /os/{idc}/machines/{sn}/enrolment    the task's enrolment secret, hashed
     /os/{idc}/machines/{sn}/agent-token  the enrolled agent's bearer token, hashed
+    /os/{idc}/machines/{sn}/first-boot   the installed system's first-boot credential, hashed
     /os/{idc}/os-types              the OS types the IDC's regional can install (JSON)
 
 (The last two: see :mod:`lpmosd.credentials`.)
@@ -28,10 +29,12 @@ from lpmosd.errors import ValidationError
 __all__ = [
     "NAME_RE",
     "ROOT",
+    "STEP_RE",
     "KeyKind",
     "ParsedKey",
     "agent_token_key",
     "enrolment_key",
+    "first_boot_key",
     "idc_prefix",
     "lease_key",
     "machine_prefix",
@@ -53,6 +56,9 @@ ROOT: Final = "/os/"
 #: alphanumeric, which also refuses "." and "..".
 NAME_RE: Final[re.Pattern[str]] = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
 
+#: An install step name (plan steps, progress reports): lower-case, at most 64 characters.
+STEP_RE: Final[re.Pattern[str]] = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}", re.ASCII)
+
 _HEX2 = "[0-9A-Fa-f]{2}"
 _HEX4 = "[0-9A-Fa-f]{4}"
 _MAC_RES: Final = (
@@ -62,7 +68,7 @@ _MAC_RES: Final = (
     re.compile(r"[0-9A-Fa-f]{12}", re.ASCII),
 )
 
-KeyKind = Literal["server", "task", "meta", "lease", "enrolment", "agent_token"]
+KeyKind = Literal["server", "task", "meta", "lease", "enrolment", "agent_token", "first_boot"]
 #: Key name under a machine's prefix -> its kind ("agent-token" reads better in etcdctl
 #: output; the kind is a Python-friendly identifier).
 _MACHINE_KINDS: Final[dict[str, KeyKind]] = {
@@ -71,6 +77,7 @@ _MACHINE_KINDS: Final[dict[str, KeyKind]] = {
     "lease": "lease",
     "enrolment": "enrolment",
     "agent-token": "agent_token",
+    "first-boot": "first_boot",
 }
 
 
@@ -162,6 +169,11 @@ def lease_key(idc: str, sn: str) -> str:
 def enrolment_key(idc: str, sn: str) -> str:
     """``/os/{idc}/machines/{sn}/enrolment``: the task's one-time enrolment secret, hashed."""
     return f"{machine_prefix(idc, sn)}enrolment"
+
+
+def first_boot_key(idc: str, sn: str) -> str:
+    """``/os/{idc}/machines/{sn}/first-boot``: the installed system's one-time credential."""
+    return f"{machine_prefix(idc, sn)}first-boot"
 
 
 def regional_election_prefix(idc: str) -> str:

@@ -12,11 +12,20 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Protocol
 
-from lpmosd import models, schema
+from lpmosd import api_requests, documents, lifecycle, schema, timestamps
+from lpmosd.api_requests import CreateTaskRequest
 from lpmosd.boot.ostypes import OsTypes
-from lpmosd.credentials import Enrolment
-from lpmosd.errors import ConflictError, InputError, NotFoundError, ValidationError
+from lpmosd.credentials import AgentToken, Enrolment, FirstBootCredential
+from lpmosd.documents import MachineMeta, ServerEntry, Task, TaskStatus
+from lpmosd.errors import (
+    AuthenticationError,
+    ConflictError,
+    InputError,
+    NotFoundError,
+    ValidationError,
+)
 from lpmosd.etcd import (
     Compare,
     EtcdClient,
@@ -28,24 +37,30 @@ from lpmosd.etcd import (
     delete,
     put,
 )
-from lpmosd.models import (
-    ACTIVE_AGENT,
-    TERMINAL,
-    CreateTaskRequest,
-    MachineMeta,
-    ServerEntry,
-    Task,
-    TaskStatus,
-)
+from lpmosd.lifecycle import ACTIVE_AGENT, LIVE, TERMINAL
 
 log = logging.getLogger("lpmosd.store")
 
-#: Statuses in which a task accepts its agent's credentials (enrolment secret, agent token).
-LIVE: frozenset[TaskStatus] = frozenset(TaskStatus) - TERMINAL
 
 HARDWARE_STEP = "hardware_collect"
 
 TaskFn = Callable[[Task], Task]
+
+
+class TaskUpdater(Protocol):
+    """Something that applies a TaskFn to a stored task in a CAS (like ``update_task``)."""
+
+    async def update(
+        self,
+        idc: str,
+        sn: str,
+        fn: TaskFn,
+        *,
+        current: KeyValue | None = None,
+        op_id: str | None = None,
+    ) -> StoredTask:
+        """Apply ``fn`` to the task of ``sn``, recording ``op_id``; the result as written."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +78,7 @@ def new_task_id() -> str:
 
 
 def new_op_id() -> str:
-    """A fresh operation id for one task write (see :attr:`lpmosd.models.Task.ops`)."""
+    """A fresh operation id for one task write (see :attr:`lpmosd.documents.Task.ops`)."""
     return secrets.token_hex(8)
 
 
@@ -116,10 +131,10 @@ def with_hardware_step(task: Task, meta: MachineMeta, *, now: datetime) -> Task:
     Unlike install progress this does not move the task to installing: an agent registers
     before an operator approves, so the operator can check the hardware first.
     """
-    entry = models.ProgressStep(HARDWARE_STEP, 100, now, "Hardware collection complete")
+    entry = documents.ProgressStep(HARDWARE_STEP, 100, now, "Hardware collection complete")
     rest = tuple(p for p in task.progress if p.step != HARDWARE_STEP)
     task = replace(task, progress=(entry, *rest), updated_at=now)
-    return models.append_logs(task, [hardware_summary(meta)], now=now)
+    return lifecycle.append_logs(task, [hardware_summary(meta)], now=now)
 
 
 class Store:
@@ -135,7 +150,7 @@ class Store:
         self,
         client: EtcdClient,
         *,
-        clock: Callable[[], datetime] = models.utcnow,
+        clock: Callable[[], datetime] = timestamps.utcnow,
         fence: Fence | None = None,
     ):
         self.client = client
@@ -170,6 +185,14 @@ class Store:
         """The lease id of the live agent of ``sn``, or None when it is offline."""
         kv = await self.client.get(schema.lease_key(idc, sn))
         return parse_lease_value(kv.value) if kv else None
+
+    async def get_enrolment_kv(self, idc: str, sn: str) -> KeyValue | None:
+        """The stored enrolment record of ``sn`` (see :class:`~lpmosd.credentials.Enrolment`)."""
+        return await self.client.get(schema.enrolment_key(idc, sn))
+
+    async def get_agent_token_kv(self, idc: str, sn: str) -> KeyValue | None:
+        """The stored agent token of ``sn`` (see :class:`~lpmosd.credentials.AgentToken`)."""
+        return await self.client.get(schema.agent_token_key(idc, sn))
 
     async def list_tasks(
         self, *, idc: str | None = None, status: TaskStatus | None = None
@@ -221,7 +244,7 @@ class Store:
         task_key = schema.task_key(req.idc, req.sn)
         enrolment_key = schema.enrolment_key(req.idc, req.sn)
         now = self.clock()
-        task = models.new_task(req, task_id=new_task_id(), now=now, actor=actor)
+        task = lifecycle.new_task(req, task_id=new_task_id(), now=now, actor=actor)
         ops: list[Op] = [
             put(server_key, ServerEntry.for_task(task).to_json()),
             put(task_key, task.to_json()),
@@ -251,6 +274,7 @@ class Store:
             delete(schema.meta_key(req.idc, req.sn)),
             delete(schema.lease_key(req.idc, req.sn)),
             delete(schema.agent_token_key(req.idc, req.sn)),
+            delete(schema.first_boot_key(req.idc, req.sn)),
         ]
         if enrolment is None:
             clear.append(delete(enrolment_key))
@@ -320,7 +344,7 @@ class Store:
         """pending → approved, recording who approved and why."""
         now = self.clock()
         stored = await self.update_task(
-            idc, sn, lambda t: models.approve(t, approved_by=approved_by, notes=notes, now=now)
+            idc, sn, lambda t: lifecycle.approve(t, approved_by=approved_by, notes=notes, now=now)
         )
         return stored.task
 
@@ -330,7 +354,7 @@ class Store:
         stored = await self.update_task(
             idc,
             sn,
-            lambda t: models.cancel(t, now=now, actor=actor, reason=reason),
+            lambda t: lifecycle.cancel(t, now=now, actor=actor, reason=reason),
             also=lambda t: (delete(schema.lease_key(idc, sn)),),
         )
         return stored.task
@@ -353,12 +377,15 @@ class Store:
                     f"cannot retry a task in status {t.status}; only a failed task can be retried",
                     field="status",
                 )
-            return models.retry(t, now=now, actor=actor)
+            return lifecycle.retry(t, now=now, actor=actor)
 
         def also(t: Task) -> Sequence[Op]:
             # The failed attempt's agent token must not come back to life with the task:
             # the retried install enrols afresh.
-            ops: list[Op] = [delete(schema.agent_token_key(idc, sn))]
+            ops: list[Op] = [
+                delete(schema.agent_token_key(idc, sn)),
+                delete(schema.first_boot_key(idc, sn)),
+            ]
             if enrolment is not None:
                 fresh = replace(enrolment, task_id=t.task_id, mac=t.mac)
                 ops.append(put(schema.enrolment_key(idc, sn), fresh.to_json()))
@@ -366,6 +393,49 @@ class Store:
 
         stored = await self.update_task(idc, sn, fn, also=also)
         return stored.task
+
+    # --- first boot of the installed system ----------------------------------------------
+
+    async def issue_first_boot(self, idc: str, sn: str, *, task: Task) -> str:
+        """A one-time credential for the first boot of ``task``'s installed system (the
+        agent writes it onto the disk); replaces an earlier one. Returns the credential."""
+        record, credential = FirstBootCredential.issue(task_id=task.task_id, now=self.clock())
+        await self.client.put(schema.first_boot_key(idc, sn), record.to_json())
+        return credential
+
+    async def record_first_boot(
+        self, idc: str, sn: str, credential: str, *, hostname: str = ""
+    ) -> StoredTask:
+        """The installed system booted: check its credential, set ``first_boot_at`` and
+        delete the credential in one Txn (guarded on it, so it works once)."""
+        key = schema.first_boot_key(idc, sn)
+        kv = await self.client.get(key)
+        record = None
+        if kv is not None:
+            try:
+                record = FirstBootCredential.from_json(kv.value)
+            except ValidationError:
+                record = None
+        if kv is None or record is None or not record.matches(credential):
+            raise AuthenticationError(
+                "unknown or already used first-boot credential", field="authorization"
+            )
+        now = self.clock()
+
+        def fn(t: Task) -> Task:
+            if t.task_id != record.task_id:
+                raise AuthenticationError(
+                    "the first-boot credential belongs to an earlier task", field="authorization"
+                )
+            return lifecycle.first_boot(t, now=now, hostname=hostname)
+
+        return await self.update_task(
+            idc,
+            sn,
+            fn,
+            also=lambda t: (delete(key),),
+            guards=(Compare.mod_revision(key, "==", kv.mod_revision),),
+        )
 
     # --- agent credentials (issued by the control plane) --------------------------------
 
@@ -468,7 +538,7 @@ class Store:
             skipped[0] = t.status not in only_if
             if skipped[0]:
                 return t
-            return models.fail(t, reason, now=now, actor=actor)
+            return lifecycle.fail(t, reason, now=now, actor=actor)
 
         try:
             stored = await self.update_task(idc, sn, fn, guards=guards, current=current)
@@ -535,15 +605,26 @@ class Store:
         meta: MachineMeta,
         lease_id: int,
         current: KeyValue | None = None,
-        credentials: Sequence[Op] = (),
-        guards: Sequence[Compare] = (),
+        token: AgentToken | None = None,
+        used_enrolment: tuple[Enrolment, int] | None = None,
     ) -> StoredTask:
         """Record the agent's hardware and bind its lease key, with the task, in one Txn.
 
-        ``credentials`` (the agent token and the used enrolment) go in the same Txn,
-        ``guards`` (the enrolment unchanged since it was checked) guard it.
+        The agent's new ``token`` is stored in the same Txn, and so is ``used_enrolment``
+        (the enrolment marked used, with the mod_revision it was checked at), guarded on
+        the enrolment being unchanged since: of two registrations racing with one secret,
+        only one commits.
         """
         now = self.clock()
+        credentials: list[Op] = []
+        guards: list[Compare] = []
+        if token is not None:
+            credentials.append(put(schema.agent_token_key(idc, sn), token.to_json()))
+        if used_enrolment is not None:
+            enrolment, checked_at = used_enrolment
+            enrolment_key = schema.enrolment_key(idc, sn)
+            credentials.append(put(enrolment_key, enrolment.to_json()))
+            guards.append(Compare.mod_revision(enrolment_key, "==", checked_at))
 
         def fn(t: Task) -> Task:
             if t.mac != mac:
@@ -577,16 +658,21 @@ class Store:
         message: str,
         current: KeyValue | None = None,
         op_id: str | None = None,
+        via: TaskUpdater | None = None,
     ) -> StoredTask:
-        """One progress report (approved → installing on the first)."""
+        """One progress report (approved → installing on the first).
+
+        ``via`` writes it (e.g. batched, see :class:`lpmosd.taskwriter.TaskWriter`) instead
+        of :meth:`update_task`.
+        """
         now = self.clock()
-        return await self.update_task(
-            idc,
-            sn,
-            lambda t: models.record_progress(t, step, percent, message, now=now),
-            current=current,
-            op_id=op_id,
-        )
+
+        def fn(t: Task) -> Task:
+            return lifecycle.record_progress(t, step, percent, message, now=now)
+
+        if via is not None:
+            return await via.update(idc, sn, fn, current=current, op_id=op_id)
+        return await self.update_task(idc, sn, fn, current=current, op_id=op_id)
 
     async def append_logs(
         self,
@@ -594,7 +680,7 @@ class Store:
         sn: str,
         lines: Sequence[str],
         *,
-        level: models.LogLevel = "INFO",
+        level: api_requests.LogLevel = "INFO",
         current: KeyValue | None = None,
         op_id: str | None = None,
     ) -> StoredTask:
@@ -604,7 +690,7 @@ class Store:
         def fn(t: Task) -> Task:
             if t.status in TERMINAL and t.status is not TaskStatus.FAILED:
                 raise ConflictError(f"task of {sn} is {t.status}", field="status")
-            return models.append_logs(t, lines, level=level, now=now)
+            return lifecycle.append_logs(t, lines, level=level, now=now)
 
         return await self.update_task(idc, sn, fn, current=current, op_id=op_id)
 
@@ -623,8 +709,8 @@ class Store:
 
         def fn(t: Task) -> Task:
             if outcome is TaskStatus.COMPLETED:
-                return models.complete(t, now=now)
-            return models.fail(t, reason, now=now, actor="agent")
+                return lifecycle.complete(t, now=now)
+            return lifecycle.fail(t, reason, now=now, actor="agent")
 
         return await self.update_task(
             idc,

@@ -36,11 +36,11 @@ from dataclasses import dataclass, field
 
 import trio
 
-from lpmosd import hooks, metrics, models, schema
+from lpmosd import hooks, metrics, schema
+from lpmosd.documents import ServerEntry, Task
 from lpmosd.errors import ContentionError, EtcdUnavailableError, InputError, NotFoundError
 from lpmosd.etcd import Compare, KeyValue, Op, RangeResult, get, put
 from lpmosd.etcd.txn import MAX_TXN_OPS
-from lpmosd.models import ServerEntry, Task
 from lpmosd.store import Store, StoredTask, new_op_id
 
 log = logging.getLogger("lpmosd.taskwriter")
@@ -58,7 +58,7 @@ class _Pending:
     idc: str
     sn: str
     fn: TaskFn
-    #: Recorded in the document with the change (see :attr:`lpmosd.models.Task.ops`).
+    #: Recorded in the document with the change (see :attr:`lpmosd.documents.Task.ops`).
     op_id: str = field(default_factory=new_op_id)
     done: trio.Event = field(default_factory=trio.Event)
     result: StoredTask | None = None
@@ -84,8 +84,9 @@ class _Write:
 class TaskWriter:
     """Coalesces and batches task-document updates of many machines into few Txns.
 
-    Run :meth:`run` in a nursery; then call :meth:`update` (or :meth:`record_progress`)
-    from any task. Results are those of :meth:`Store.update_task`.
+    Run :meth:`run` in a nursery; then call :meth:`update` from any task (or pass the
+    writer as ``via`` to :meth:`Store.record_progress`). Results are those of
+    :meth:`Store.update_task`.
     """
 
     def __init__(
@@ -176,27 +177,6 @@ class TaskWriter:
             raise pending.error
         assert pending.result is not None
         return pending.result
-
-    async def record_progress(
-        self,
-        idc: str,
-        sn: str,
-        *,
-        step: str,
-        percent: int,
-        message: str,
-        current: KeyValue | None = None,
-        op_id: str | None = None,
-    ) -> StoredTask:
-        """:meth:`Store.record_progress`, batched."""
-        now = self.store.clock()
-        return await self.update(
-            idc,
-            sn,
-            lambda t: models.record_progress(t, step, percent, message, now=now),
-            current=current,
-            op_id=op_id,
-        )
 
     # --- the flusher ---------------------------------------------------------------------
 

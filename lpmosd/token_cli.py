@@ -15,8 +15,8 @@ import sys
 from typing import Any
 
 from lpmosd.errors import ValidationError
-from lpmosd.models import utcnow
 from lpmosd.opsutil import add_etcd_arguments, etcd_config_from_args, open_etcd_client, run_trio
+from lpmosd.timestamps import utcnow
 from lpmosd.tokens import Role, TokenStore, parse_duration, validate_token_name
 
 __all__ = ["register"]

@@ -43,7 +43,7 @@ from lpmosd.errors import (
     ValidationError,
 )
 from lpmosd.etcd import Compare, EtcdClient, KeyValue, put
-from lpmosd.models import format_ts, parse_ts, utcnow
+from lpmosd.timestamps import format_ts, parse_ts, utcnow
 from lpmosd.view import Change, PrefixView
 from lpmosd.web.ratelimit import RateLimiter
 

@@ -26,9 +26,11 @@ sys.path.insert(0, str(ROOT / "tests"))  # the dashboard tests' daemon-on-a-thre
 from dashboard.kit import FACTS, DaemonThread, quick_config  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
 
+from lpmosd.api_requests import CreateTaskRequest  # noqa: E402
+from lpmosd.documents import MachineMeta, TaskStatus  # noqa: E402
 from lpmosd.etcd_process import EtcdProcess  # noqa: E402
-from lpmosd.models import CreateTaskRequest, MachineMeta, TaskStatus, utcnow  # noqa: E402
 from lpmosd.store import Store  # noqa: E402
+from lpmosd.timestamps import utcnow  # noqa: E402
 from lpmosd.tokens import Role  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"

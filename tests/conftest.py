@@ -24,7 +24,7 @@ import trustme
 from fault_table import RESULTS, fault_table
 
 from lpmosd.etcd import EtcdClient, open_client
-from lpmosd.etcd_process import EtcdProcess, EtcdProcessError, TLSFiles
+from lpmosd.etcd_process import CertificateSet, EtcdProcess, EtcdProcessError
 from lpmosd.store import Store
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -88,13 +88,13 @@ def etcd_factory() -> Iterator[EtcdFactory]:
 
 
 @pytest.fixture(scope="session")
-def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> CertificateSet:
     """A trustme CA, a server cert for 127.0.0.1/localhost and a client cert (CN lpmosd-client)."""
     ca = trustme.CA()
     server = ca.issue_cert("127.0.0.1", "localhost")
     client = ca.issue_cert("lpmosd-client", common_name="lpmosd-client")
     d = tmp_path_factory.mktemp("tls")
-    files = TLSFiles(
+    files = CertificateSet(
         ca_cert=d / "ca.pem",
         server_cert=d / "server.pem",
         server_key=d / "server-key.pem",

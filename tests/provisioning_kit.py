@@ -19,19 +19,18 @@ import trio
 
 from lpmosd.boot.ostypes import OsTypes
 from lpmosd.config import (
-    DEMO_PLAN,
     ROLE_CONTROL_PLANE,
     ROLE_REGIONAL,
     Config,
     ControlPlaneConfig,
     EtcdConfig,
-    Plan,
     RegionalConfig,
 )
 from lpmosd.daemon import Daemon, run_daemon
 from lpmosd.etcd import EtcdClient, open_client
-from lpmosd.models import utcnow
+from lpmosd.plan import DEMO_PLAN, Plan
 from lpmosd.store import Store
+from lpmosd.timestamps import utcnow
 from lpmosd.tokens import Role, TokenStore
 
 #: The guide's curl body, verbatim.

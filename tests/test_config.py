@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 
 from lpmosd.config import (
-    DEMO_PLAN,
-    PLAN_PLACEHOLDERS,
     ROLES,
     Config,
     ControlPlaneConfig,
@@ -20,14 +18,13 @@ from lpmosd.config import (
     EtcdAuth,
     EtcdConfig,
     EtcdTLS,
-    Plan,
-    PlanStep,
     RegionalConfig,
     dev_config,
     load_config,
     parse_config,
 )
 from lpmosd.errors import ConfigError
+from lpmosd.plan import DEBIAN_12_PLAN, DEMO_PLAN, PLAN_PLACEHOLDERS, Plan, PlanStep, render_command
 
 SHIPPED = Path(__file__).resolve().parent.parent / "packaging" / "lpmosd.toml"
 REGIONAL = '[regional]\nidc = "dc1"\n'
@@ -78,7 +75,7 @@ def test_regional_defaults() -> None:
         50.0,
         100,
     )
-    assert dict(rg.plans) == {"demo": DEMO_PLAN}
+    assert dict(rg.plans) == {"demo": DEMO_PLAN, "debian-12": DEBIAN_12_PLAN}
 
 
 def test_empty_file_means_regional_role_and_needs_its_section() -> None:
@@ -576,8 +573,9 @@ def test_plans_parsed_and_demo_overridable() -> None:
         ),
     )
     assert plan.step_names == ("partitioning", "base_system")
-    assert plan.steps[1].render(
-        {"os_type": "Ubuntu 22.04", "os_version": "22.04", "disk_layout": "auto"}
+    assert render_command(
+        plan.steps[1].command,
+        {"os_type": "Ubuntu 22.04", "os_version": "22.04", "disk_layout": "auto"},
     ) == ("/bin/install", "Ubuntu 22.04 22.04", "{literal}")
     assert rg.plan_for("demo") == Plan(
         os_type="demo", steps=(PlanStep(name="only", timeout=3600.0, simulate=0.1),)
@@ -600,7 +598,7 @@ def test_builtin_demo_plan() -> None:
         REGIONAL + '[[regional.plans."CentOS 7".steps]]\nname = "a"\ncommand = ["/a"]\n'
     ).regional
     assert rg is not None
-    assert set(rg.plans) == {"demo", "CentOS 7"}
+    assert set(rg.plans) == {"demo", "debian-12", "CentOS 7"}
     assert rg.plan_for("demo") is DEMO_PLAN
 
 

@@ -16,9 +16,9 @@ import trio
 
 from lpmosd import etcd_process
 from lpmosd.etcd_process import (
+    CertificateSet,
     EtcdProcess,
     EtcdProcessError,
-    TLSFiles,
     find_etcd_binary,
     find_etcdctl_binary,
 )
@@ -119,7 +119,7 @@ def test_etcdctl_and_wipe(etcd: EtcdProcess) -> None:
     assert lease not in etcd.etcdctl("lease", "list")
 
 
-def test_tls_with_client_cert_auth(etcd_factory: EtcdFactory, tls_certs: TLSFiles) -> None:
+def test_tls_with_client_cert_auth(etcd_factory: EtcdFactory, tls_certs: CertificateSet) -> None:
     etcd = etcd_factory(
         cert_file=tls_certs.server_cert,
         key_file=tls_certs.server_key,

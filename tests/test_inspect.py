@@ -17,15 +17,16 @@ from typing import IO, TypeVar
 import pytest
 import trio
 
-from lpmosd import cli, models, schema
+from lpmosd import cli, lifecycle, schema, timestamps
+from lpmosd.api_requests import CreateTaskRequest
+from lpmosd.documents import ServerEntry, Task
 from lpmosd.etcd import EtcdClient, open_client
 from lpmosd.etcd_process import EtcdProcess
 from lpmosd.migrate import v2
-from lpmosd.models import CreateTaskRequest, ServerEntry, Task
 
 T = TypeVar("T")
 IDC = "dc1"
-T0 = models.parse_ts("2026-01-30T12:00:00Z")
+T0 = timestamps.parse_ts("2026-01-30T12:00:00Z")
 
 
 def with_client(etcd: EtcdProcess, fn: Callable[[EtcdClient], Awaitable[T]]) -> T:
@@ -49,17 +50,17 @@ def endpoint(etcd: EtcdProcess) -> list[str]:
 def guide_task(sn: str, mac: str = "00:1a:2b:3c:4d:5e") -> Task:
     """The guide's example task: approved, installing, hardware done, partitioning at 50 %."""
     req = CreateTaskRequest(idc=IDC, sn=sn, mac=mac, os_type="Ubuntu 22.04", os_version="22.04")
-    t = models.new_task(req, task_id=f"task-{sn}", now=T0, actor="admin@example.com")
-    t = models.approve(
+    t = lifecycle.new_task(req, task_id=f"task-{sn}", now=T0, actor="admin@example.com")
+    t = lifecycle.approve(
         t, approved_by="admin@example.com", notes="Hardware verified", now=T0 + timedelta(minutes=1)
     )
-    t = models.record_progress(
+    t = lifecycle.record_progress(
         t, "hardware_collect", 100, "Hardware collection complete", now=T0 + timedelta(minutes=2)
     )
-    t = models.record_progress(
+    t = lifecycle.record_progress(
         t, "partitioning", 50, "Creating partitions...", now=T0 + timedelta(minutes=5)
     )
-    return models.append_logs(t, ["Slow disk I/O"], level="WARN", now=T0 + timedelta(minutes=5))
+    return lifecycle.append_logs(t, ["Slow disk I/O"], level="WARN", now=T0 + timedelta(minutes=5))
 
 
 async def put_task(client: EtcdClient, task: Task) -> None:
@@ -80,7 +81,7 @@ def fleet(etcd: EtcdProcess) -> dict[str, int]:
     async def setup(client: EtcdClient) -> dict[str, int]:
         await put_task(client, guide_task("sn-001"))
         req = CreateTaskRequest(idc=IDC, sn="sn-002", mac="00:1a:2b:3c:4d:5f", os_type="demo")
-        await put_task(client, models.new_task(req, task_id="task-2", now=T0, actor="ops"))
+        await put_task(client, lifecycle.new_task(req, task_id="task-2", now=T0, actor="ops"))
         return {"sn-001": await put_lease(client, "sn-001")}
 
     return with_client(etcd, setup)
@@ -265,11 +266,11 @@ def test_watch_streams_changes_and_stops_cleanly_on_ctrl_c(
             kv = await client.get(schema.task_key(IDC, "sn-001"))
             assert kv is not None
             t = Task.from_json(kv.value)
-            t = models.record_progress(
+            t = lifecycle.record_progress(
                 t, "partitioning", 80, "Formatting", now=T0 + timedelta(minutes=6)
             )
             await put_task(client, t)
-            t = models.complete(t, now=T0 + timedelta(minutes=9))
+            t = lifecycle.complete(t, now=T0 + timedelta(minutes=9))
             await put_task(client, t)
             await client.lease_revoke(fleet["sn-001"])
             await put_lease(client, "sn-002")

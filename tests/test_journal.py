@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lpmosd.roles.journal import JournalFullError, ReportJournal
+from lpmosd.journal import JournalFullError, ReportJournal
 
 
 def test_entries_survive_a_restart_and_leave_once_applied(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Tests for lpmosd.models: documents, timestamps, request parsers and the state machine."""
+"""Tests for the documents, timestamps, request parsers and lifecycle (ex lpmosd.models)."""
 
 from __future__ import annotations
 
@@ -13,43 +13,47 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lpmosd import models
-from lpmosd.errors import ConflictError, ValidationError
-from lpmosd.models import (
-    ACTIVE_AGENT,
+from lpmosd import lifecycle, timestamps
+from lpmosd.api_requests import (
+    ApproveRequest,
+    CreateTaskRequest,
+    FailRequest,
+    LogRequest,
+    ProgressRequest,
+)
+from lpmosd.documents import (
     MAX_HISTORY,
     MAX_LOG_BYTES,
     MAX_LOG_LINES,
     MAX_PROGRESS_MESSAGE_CHARS,
     MAX_PROGRESS_STEPS,
-    TERMINAL,
     Approval,
-    ApproveRequest,
-    CreateTaskRequest,
     Disk,
     Dmi,
-    FailRequest,
-    LogRequest,
     MachineMeta,
     Nic,
-    ProgressRequest,
     ProgressStep,
     ServerEntry,
     StatusChange,
     Task,
     TaskStatus,
+)
+from lpmosd.errors import ConflictError, ValidationError
+from lpmosd.fields import sanitize_text
+from lpmosd.lifecycle import (
+    ACTIVE_AGENT,
+    TERMINAL,
     append_logs,
     approve,
     cancel,
     complete,
     fail,
-    format_ts,
     new_task,
-    parse_ts,
     record_progress,
     retry,
     transition,
 )
+from lpmosd.timestamps import format_ts, parse_ts
 
 S = TaskStatus
 T0 = datetime(2026, 1, 30, 12, 0, 0, tzinfo=UTC)
@@ -116,7 +120,15 @@ GUIDE_CURL_BODY = """{
     "os_version": "22.04"
   }"""
 
-EXTRAS = ("idc", "logs_dropped", "resume_from", "error", "netboot")
+EXTRAS = (
+    "idc",
+    "logs_dropped",
+    "resume_from",
+    "error",
+    "netboot",
+    "ssh_authorized_keys",
+    "first_boot_at",
+)
 
 
 def at(seconds: int) -> datetime:
@@ -157,7 +169,7 @@ def test_format_and_parse_ts() -> None:
     # Go writes nanoseconds; we keep seconds.
     assert parse_ts("2026-01-30T12:00:00.123456789Z") == T0
     assert parse_ts("2026-01-30T12:00:00Z").tzinfo is UTC
-    now = models.utcnow()
+    now = timestamps.utcnow()
     assert now.tzinfo is UTC and now.microsecond == 0
 
 
@@ -290,8 +302,8 @@ def test_status_change_omits_empty_actor_and_reason() -> None:
 
 @given(actor=st.text(max_size=30), reason=st.text(max_size=30), status=st.sampled_from(S))
 def test_status_change_size_matches_encoding(actor: str, reason: str, status: S) -> None:
-    change = StatusChange(status, T0, models.sanitize_text(actor), models.sanitize_text(reason))
-    assert change._json_size() == len(change.to_json())
+    change = StatusChange(status, T0, sanitize_text(actor, 2000), sanitize_text(reason, 2000))
+    assert change.json_size() == len(change.to_json())
 
 
 # ---------------------------------------------------- strict document parsing
@@ -615,7 +627,7 @@ def test_status_sets() -> None:
     }
     assert {S.COMPLETED, S.FAILED, S.CANCELLED} == TERMINAL
     assert {S.APPROVED, S.INSTALLING} == ACTIVE_AGENT
-    assert {(a, b) for a, tos in models.TRANSITIONS.items() for b in tos} == ALLOWED
+    assert {(a, b) for a, tos in lifecycle.TRANSITIONS.items() for b in tos} == ALLOWED
 
 
 @pytest.mark.parametrize(("frm", "to"), list(itertools.product(S, S)))

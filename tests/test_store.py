@@ -16,19 +16,13 @@ import trio
 from provisioning_kit import GUIDE_TASK, HARDWARE, keyspace, open_proxy, wait_for
 
 from lpmosd import schema
+from lpmosd.api_requests import CreateTaskRequest
+from lpmosd.documents import MAX_LOG_LINES, MachineMeta, ServerEntry, Task, TaskStatus
 from lpmosd.errors import ConflictError, InputError, NotFoundError
 from lpmosd.etcd import EtcdClient, open_client
 from lpmosd.etcd_process import EtcdProcess
-from lpmosd.models import (
-    MAX_LOG_LINES,
-    CreateTaskRequest,
-    MachineMeta,
-    ServerEntry,
-    Task,
-    TaskStatus,
-    utcnow,
-)
 from lpmosd.store import HARDWARE_STEP, Store, StoredTask, lease_value
+from lpmosd.timestamps import utcnow
 
 IDC, SN, MAC = "dc1", "sn-001", "00:1a:2b:3c:4d:5e"
 S = TaskStatus

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable
 from functools import partial
 
 import pytest
 import trio
 from provisioning_kit import open_proxy, wait_for
 
-from lpmosd import models, schema
+from lpmosd import lifecycle, schema, timestamps
+from lpmosd.api_requests import CreateTaskRequest
+from lpmosd.documents import TaskStatus
 from lpmosd.errors import ConflictError, NotFoundError
 from lpmosd.etcd import EtcdClient, KeyValue, open_client
 from lpmosd.etcd_process import EtcdProcess
-from lpmosd.models import CreateTaskRequest, TaskStatus
-from lpmosd.store import Store
+from lpmosd.store import Store, StoredTask
 from lpmosd.taskwriter import TaskWriter
 
 IDC = "dc1"
@@ -39,14 +41,28 @@ async def _approved(store: Store, n: int) -> list[KeyValue]:
     return kvs
 
 
+def _progress(
+    writer: TaskWriter,
+    sn: str,
+    *,
+    step: str,
+    percent: int,
+    message: str,
+    current: KeyValue | None,
+) -> Awaitable[StoredTask]:
+    return writer.store.record_progress(
+        IDC, sn, step=step, percent=percent, message=message, current=current, via=writer
+    )
+
+
 async def test_batches_many_tasks_into_few_txns(client: EtcdClient) -> None:
     store = Store(client)
     kvs = await _approved(store, 40)
     writer = TaskWriter(store, max_inflight=1)
 
     async def report(i: int, kv: KeyValue) -> None:
-        await writer.record_progress(
-            IDC, f"sn-{i:03d}", step="partitioning", percent=50, message="", current=kv
+        await _progress(
+            writer, f"sn-{i:03d}", step="partitioning", percent=50, message="", current=kv
         )
 
     async with trio.open_nursery() as nursery:
@@ -73,9 +89,7 @@ async def test_coalesces_updates_of_one_task(client: EtcdClient) -> None:
     results = []
 
     async def report(step: str) -> None:
-        stored = await writer.record_progress(
-            IDC, "sn-000", step=step, percent=100, message="", current=kv
-        )
+        stored = await _progress(writer, "sn-000", step=step, percent=100, message="", current=kv)
         results.append(stored)
 
     async with trio.open_nursery() as nursery:
@@ -98,9 +112,7 @@ async def test_stale_cache_is_retried_not_lost(client: EtcdClient) -> None:
     writer = TaskWriter(store)
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
-        stored = await writer.record_progress(
-            IDC, "sn-000", step="mine", percent=20, message="", current=kv
-        )
+        stored = await _progress(writer, "sn-000", step="mine", percent=20, message="", current=kv)
         nursery.cancel_scope.cancel()
     assert {p.step for p in stored.task.progress} == {"other", "mine"}
     task = (await store.get_task(IDC, "sn-000")).task
@@ -123,9 +135,7 @@ async def test_one_contended_task_does_not_hold_back_the_rest_of_its_batch(
     async def report(i: int) -> None:
         sn = f"sn-{i:03d}"
         try:
-            await writer.record_progress(
-                IDC, sn, step="mine", percent=20, message="", current=kvs[i]
-            )
+            await _progress(writer, sn, step="mine", percent=20, message="", current=kvs[i])
         except Exception as exc:
             outcomes[sn] = type(exc).__name__
         else:
@@ -161,7 +171,7 @@ async def test_an_ambiguous_batch_is_settled_by_operation_ids(
         results = []
 
         async def mine() -> None:
-            fn = partial(models.append_logs, lines=["mine"], now=models.utcnow())
+            fn = partial(lifecycle.append_logs, lines=["mine"], now=timestamps.utcnow())
             results.append(await writer.update(IDC, "sn-000", fn, current=kv))
 
         async def applied() -> bool:
@@ -191,15 +201,13 @@ async def test_refusal_is_decided_on_fresh_data(client: EtcdClient) -> None:
     writer = TaskWriter(store)
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
-        stored = await writer.record_progress(
-            IDC, "sn-000", step="s", percent=1, message="", current=pending_kv
+        stored = await _progress(
+            writer, "sn-000", step="s", percent=1, message="", current=pending_kv
         )
         assert stored.task.status is TaskStatus.INSTALLING
         await store.finish(IDC, "sn-000", outcome=TaskStatus.COMPLETED)
         with pytest.raises(ConflictError):
-            await writer.record_progress(
-                IDC, "sn-000", step="s", percent=2, message="", current=stored.kv
-            )
+            await _progress(writer, "sn-000", step="s", percent=2, message="", current=stored.kv)
         nursery.cancel_scope.cancel()
 
 
@@ -211,7 +219,7 @@ async def test_deleted_task_is_not_found(client: EtcdClient) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
         with pytest.raises(NotFoundError):
-            await writer.record_progress(IDC, "sn-000", step="s", percent=1, message="", current=kv)
+            await _progress(writer, "sn-000", step="s", percent=1, message="", current=kv)
         nursery.cancel_scope.cancel()
 
 
@@ -219,9 +227,7 @@ async def test_without_run_it_is_the_store(client: EtcdClient) -> None:
     store = Store(client)
     (kv,) = await _approved(store, 1)
     writer = TaskWriter(store)
-    stored = await writer.record_progress(
-        IDC, "sn-000", step="s", percent=5, message="", current=kv
-    )
+    stored = await _progress(writer, "sn-000", step="s", percent=5, message="", current=kv)
     assert stored.task.status is TaskStatus.INSTALLING
     assert writer.txns == 0
     assert writer.task_of(stored.kv or kv).status is TaskStatus.INSTALLING

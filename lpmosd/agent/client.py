@@ -27,7 +27,6 @@ was revoked because the task ended (completed, failed or cancelled): that raises
 from __future__ import annotations
 
 import logging
-import math
 import random
 import secrets
 import ssl
@@ -41,23 +40,20 @@ from urllib.parse import quote
 import httpx
 import trio
 
-from lpmosd.config import PlanStep
+from lpmosd.api_requests import LogLevel
 from lpmosd.errors import LpmosdError
-from lpmosd.models import STEP_RE, LogLevel
+from lpmosd.plan import Plan, PlanError, plan_from_wire
 
 __all__ = [
     "AgentAPIError",
     "AgentClient",
-    "AgentPlan",
     "Heartbeat",
-    "PlanError",
     "RegionalUnavailableError",
     "Registration",
     "RetryPolicy",
     "TaskEndedError",
     "TaskReply",
     "TaskView",
-    "parse_plan",
 ]
 
 log = logging.getLogger("lpmosd.agent")
@@ -93,10 +89,6 @@ class TaskEndedError(AgentAPIError):
         self.task_status = task_status
 
 
-class PlanError(LpmosdError):
-    """The install plan served by the regional is malformed."""
-
-
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """Backoff for retried calls: ``initial`` doubling up to ``maximum`` seconds (±20 %
@@ -128,6 +120,8 @@ class TaskView:
     resume_from: str | None = None
     #: Latest percent per step name, from the task's progress list.
     progress: Mapping[str, int] = field(default_factory=dict)
+    #: Public keys for root on the installed system (the built-in plans' post_install).
+    ssh_authorized_keys: tuple[str, ...] = ()
 
     @classmethod
     def from_obj(cls, obj: object) -> Self:
@@ -159,6 +153,9 @@ class TaskView:
         resume = obj.get("resume_from")
         if resume is not None and not isinstance(resume, str):
             raise ValueError("task.resume_from must be a string or null")
+        keys = obj.get("ssh_authorized_keys") or []
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise ValueError("task.ssh_authorized_keys must be a list of strings")
         return cls(
             task_id=text("task_id", required=True),
             idc=text("idc"),
@@ -171,6 +168,7 @@ class TaskView:
             status=text("status", required=True),
             resume_from=resume or None,
             progress=progress,
+            ssh_authorized_keys=tuple(keys),
         )
 
     def placeholders(self) -> dict[str, str]:
@@ -188,72 +186,12 @@ class TaskView:
 
 
 @dataclass(frozen=True, slots=True)
-class AgentPlan:
-    """The install plan as served to the agent: a name and ordered steps."""
-
-    name: str
-    steps: tuple[PlanStep, ...]
-
-    @property
-    def step_names(self) -> tuple[str, ...]:
-        """Step names in order."""
-        return tuple(s.name for s in self.steps)
-
-
-def _number(value: object, where: str, *, minimum: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise PlanError(f"{where} must be a number")
-    if value < minimum:
-        raise PlanError(f"{where} must be at least {minimum:g}")
-    return float(value)
-
-
-def parse_plan(obj: object) -> AgentPlan | None:
-    """Parse the ``plan`` of a task reply; ``None`` stays ``None``. Raises PlanError."""
-    if obj is None:
-        return None
-    if not isinstance(obj, dict):
-        raise PlanError("plan must be an object")
-    name = obj.get("name")
-    if not isinstance(name, str):
-        raise PlanError("plan.name must be a string")
-    raw_steps = obj.get("steps")
-    if not isinstance(raw_steps, list):
-        raise PlanError("plan.steps must be a list")
-    steps: list[PlanStep] = []
-    seen: set[str] = set()
-    for i, raw in enumerate(raw_steps):
-        where = f"plan.steps[{i}]"
-        if not isinstance(raw, dict):
-            raise PlanError(f"{where} must be an object")
-        step_name = raw.get("name")
-        if not isinstance(step_name, str) or STEP_RE.fullmatch(step_name) is None:
-            # Progress reports name the step; the regional refuses other names.
-            raise PlanError(f"{where}.name must be 1-64 of a-z, 0-9, '_', '.', '-'")
-        if step_name in seen:
-            raise PlanError(f"{where}.name {step_name!r} is repeated")
-        seen.add(step_name)
-        command = raw.get("command", [])
-        if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
-            raise PlanError(f"{where}.command must be a list of strings")
-        timeout = _number(raw.get("timeout", 3600), f"{where}.timeout", minimum=0.001)
-        sim_raw = raw.get("simulate")
-        simulate = None if sim_raw is None else _number(sim_raw, f"{where}.simulate", minimum=0)
-        if simulate is None and not command:
-            raise PlanError(f"{where} needs a command or simulate")
-        steps.append(
-            PlanStep(name=step_name, command=tuple(command), timeout=timeout, simulate=simulate)
-        )
-    return AgentPlan(name=name, steps=tuple(steps))
-
-
-@dataclass(frozen=True, slots=True)
 class TaskReply:
     """A task with its plan. ``plan_error`` is set (and ``plan`` None) when the served plan
     is malformed, so the agent can fail the task saying why."""
 
     task: TaskView
-    plan: AgentPlan | None
+    plan: Plan | None
     plan_error: str | None = None
 
 
@@ -274,13 +212,13 @@ class Heartbeat:
     lease_ttl: float
 
 
-def _task_reply(body: dict[str, Any], status: int) -> tuple[TaskView, AgentPlan | None, str | None]:
+def _task_reply(body: dict[str, Any], status: int) -> tuple[TaskView, Plan | None, str | None]:
     try:
         task = TaskView.from_obj(body.get("task"))
     except ValueError as exc:
         raise AgentAPIError(status, f"malformed response: {exc}") from None
     try:
-        return task, parse_plan(body.get("plan")), None
+        return task, plan_from_wire(body.get("plan")), None
     except PlanError as exc:
         return task, None, str(exc)
 
@@ -608,6 +546,15 @@ class AgentClient:
         if lines:
             body = {"lines": list(lines), "level": level}
             await self._call("POST", f"{self._base}/logs", body, once=True, persistent=True)
+
+    async def first_boot_credential(self) -> str:
+        """``POST /{sn}/first-boot-credential``: the one-time credential the installed
+        system presents on its first boot."""
+        body = await self._call("POST", f"{self._base}/first-boot-credential", {})
+        credential = body.get("credential")
+        if not isinstance(credential, str) or not credential:
+            raise AgentAPIError(200, "malformed response: no credential")
+        return credential
 
     async def complete(self) -> str:
         """``POST /{sn}/complete`` (a report); returns the status the regional knows."""

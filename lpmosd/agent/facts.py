@@ -7,20 +7,21 @@ still be able to register and install.
 
 The result, :class:`HardwareFacts`, serialises to the ``hardware`` object of the agent's
 register call (see ``lpmosd/web/openapi/agent.yaml``); its parts are the
-:class:`~lpmosd.models.Disk`, :class:`~lpmosd.models.Nic` and :class:`~lpmosd.models.Dmi`
+:class:`~lpmosd.documents.Disk`, :class:`~lpmosd.documents.Nic` and :class:`~lpmosd.documents.Dmi`
 documents the regional stores in the meta key.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+# The limits the regional enforces on what we report.
+from lpmosd.documents import MAX_META_ITEMS, MAX_META_STR, MAX_SPEED_MBPS, Disk, Dmi, Nic
 from lpmosd.errors import ValidationError
-from lpmosd.models import Disk, Dmi, Nic
+from lpmosd.fields import CONTROL_RE
 from lpmosd.schema import normalize_mac
 
 __all__ = ["HardwareFacts", "collect_facts"]
@@ -30,12 +31,7 @@ log = logging.getLogger("lpmosd.agent")
 #: Block devices that are not installation targets: loop files, RAM disks, compressed swap,
 #: device-mapper volumes (built on top of real disks), network block devices, floppies.
 _SKIP_DISK_PREFIXES: Final = ("loop", "ram", "zram", "dm-", "nbd", "fd")
-#: Same limit the regional enforces on meta strings and lists (models._MAX_META_*).
-_MAX_STR: Final = 256
-_MAX_ITEMS: Final = 256
-_MAX_SPEED_MBPS: Final = 10_000_000
 _SECTOR: Final = 512  # /sys/block/*/size is always in 512-byte units, whatever the LBA size
-_CONTROL_RE: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 #: cpuinfo keys naming the CPU, by architecture (x86, arm64 with a model string, POWER, MIPS).
 _CPU_MODEL_KEYS: Final = ("model name", "Processor", "cpu model", "cpu", "Hardware")
 _ARPHRD_ETHER: Final = 1  # /sys/class/net/*/type of Ethernet-like interfaces
@@ -72,7 +68,7 @@ class HardwareFacts:
 
 def _clean(text: str) -> str:
     """Strip whitespace and control characters and cap the length, as the regional requires."""
-    return _CONTROL_RE.sub("", text).strip()[:_MAX_STR]
+    return CONTROL_RE.sub("", text).strip()[:MAX_META_STR]
 
 
 def _read(path: Path) -> str | None:
@@ -169,7 +165,7 @@ def _disks(root: Path) -> tuple[Disk, ...]:
                 rotational=rotational,
             )
         )
-    return tuple(disks[:_MAX_ITEMS])
+    return tuple(disks[:MAX_META_ITEMS])
 
 
 def _nics(root: Path) -> tuple[tuple[Nic, ...], str | None]:
@@ -197,12 +193,12 @@ def _nics(root: Path) -> tuple[tuple[Nic, ...], str | None]:
             continue
         speed = _read_int(dev / "speed")
         # -1 (and 2**32-1 from some drivers) mean "unknown"; no link reads as EINVAL.
-        if speed is not None and not 0 < speed <= _MAX_SPEED_MBPS:
+        if speed is not None and not 0 < speed <= MAX_SPEED_MBPS:
             speed = None
         nics.append(Nic(name=_clean(name), mac=mac, speed_mbps=speed))
         if physical_mac is None and (dev / "device").exists():
             physical_mac = mac
-    nics = nics[:_MAX_ITEMS]
+    nics = nics[:MAX_META_ITEMS]
     default = physical_mac if physical_mac is not None else (nics[0].mac if nics else None)
     return tuple(nics), default
 

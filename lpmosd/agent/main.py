@@ -26,10 +26,10 @@ import httpx
 import trio
 
 from lpmosd._trio_util import open_nursery
+from lpmosd.agent.actions import ActionContext, run_action
 from lpmosd.agent.client import (
     AgentAPIError,
     AgentClient,
-    AgentPlan,
     RegionalUnavailableError,
     Registration,
     RetryPolicy,
@@ -38,7 +38,8 @@ from lpmosd.agent.client import (
 )
 from lpmosd.agent.facts import HardwareFacts, collect_facts
 from lpmosd.agent.runner import StepResult, run_step
-from lpmosd.models import MAX_LOG_LINE_CHARS
+from lpmosd.documents import MAX_LOG_LINE_CHARS
+from lpmosd.plan import Plan
 
 __all__ = [
     "EXIT_CANCELLED",
@@ -86,6 +87,8 @@ class AgentOptions:
     log_batch_lines: int = 50
     kill_grace: float = 5.0
     work_dir: str | None = None
+    #: The built-in plans' target disk instead of their ``disk_layout`` rule (tests).
+    disk: Path | None = None
     facts: HardwareFacts | None = None
     transport: httpx.AsyncBaseTransport | None = field(default=None, repr=False, compare=False)
 
@@ -267,7 +270,7 @@ class _Agent:
         log.info("task approved", extra={"status": reply.task.status})
         return reply
 
-    def _steps_to_run(self, plan: AgentPlan, reply: TaskReply) -> list[int]:
+    def _steps_to_run(self, plan: Plan, reply: TaskReply) -> list[int]:
         names = plan.step_names
         start = 0
         resume = reply.task.resume_from
@@ -277,7 +280,7 @@ class _Agent:
             else:
                 log.warning(
                     "resume_from is not a step of the plan; starting at the top",
-                    extra={"resume_from": resume, "plan": plan.name},
+                    extra={"resume_from": resume, "plan": plan.os_type},
                 )
         done = reply.task.progress
         todo = [i for i in range(start, len(names)) if done.get(names[i], 0) < 100]
@@ -323,6 +326,21 @@ class _Agent:
         except AgentAPIError as exc:
             log.warning("could not fail the task", extra={"error": str(exc)})
 
+    def _action_context(
+        self, plan: Plan, reply: TaskReply, values: dict[str, str]
+    ) -> ActionContext:
+        return ActionContext(
+            regional_url=self.client.regional_url,
+            reporter=self.client,
+            values=values,
+            ssh_authorized_keys=reply.task.ssh_authorized_keys,
+            image=plan.image,
+            ca_file=self.opts.ca_file,
+            sysroot=self.opts.sysroot,
+            disk=self.opts.disk,
+            first_boot_credential=self.client.first_boot_credential,
+        )
+
     async def work(self) -> int:
         """Wait for approval and run the plan; returns the exit code or raises _Stop."""
         reply = await self._wait_for_approval()
@@ -336,25 +354,29 @@ class _Agent:
         values["sn"] = values["sn"] or self.opts.sn
         log.info(
             "running plan",
-            extra={"plan": plan.name, "steps": [plan.steps[i].name for i in todo]},
+            extra={"plan": plan.os_type, "steps": [plan.steps[i].name for i in todo]},
         )
         if todo:
+            running = ", ".join(plan.steps[i].name for i in todo)
             await self.client.logs(
-                [f"agent: plan {plan.name}: running {', '.join(plan.steps[i].name for i in todo)}"],
+                [f"agent: plan {plan.os_type}: running {running}"],
                 "INFO",
             )
         for i in todo:
             step = plan.steps[i]
             self.current_step = step.name
-            result = await run_step(
-                step,
-                values,
-                self.client,
-                flush_interval=self.opts.log_flush_interval,
-                batch_lines=self.opts.log_batch_lines,
-                kill_grace=self.opts.kill_grace,
-                cwd=self.opts.work_dir,
-            )
+            if step.action is not None:
+                result = await run_action(step, self._action_context(plan, reply, values))
+            else:
+                result = await run_step(
+                    step,
+                    values,
+                    self.client,
+                    flush_interval=self.opts.log_flush_interval,
+                    batch_lines=self.opts.log_batch_lines,
+                    kill_grace=self.opts.kill_grace,
+                    cwd=self.opts.work_dir,
+                )
             if not result.ok:
                 reason = _failure_reason(step.name, result)
                 await self.client.logs([reason[:MAX_LOG_LINE_CHARS]], "ERROR")

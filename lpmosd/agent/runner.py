@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import signal
-import string
 import subprocess
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -29,15 +28,14 @@ from typing import Final, Protocol
 import trio
 
 from lpmosd._trio_util import open_nursery
-from lpmosd.config import PlanStep
-from lpmosd.models import MAX_LOG_LINE_CHARS, MAX_LOG_REQUEST_LINES, LogLevel
+from lpmosd.api_requests import MAX_LOG_REQUEST_LINES, LogLevel
+from lpmosd.documents import MAX_LOG_LINE_CHARS
+from lpmosd.plan import PlaceholderError, PlanStep, render_command
 
 __all__ = [
     "LogShipper",
-    "PlaceholderError",
     "StepReporter",
     "StepResult",
-    "render_command",
     "run_step",
     "step_env",
 ]
@@ -52,7 +50,6 @@ _TAIL_LINES: Final = 5
 #: After the command exits: how long we wait for the pipe to reach EOF. Only a process that
 #: left our process group (setsid) and kept the pipe open can make us wait this long.
 _DRAIN_TIMEOUT: Final = 2.0
-_FORMATTER: Final = string.Formatter()
 
 
 class StepReporter(Protocol):
@@ -81,38 +78,6 @@ class _ResultFactory(Protocol):
     def __call__(
         self, ok: bool, reason: str = "", *, exit_code: int | None = None, timed_out: bool = False
     ) -> StepResult: ...
-
-
-class PlaceholderError(ValueError):
-    """A command argument uses a placeholder we cannot fill, or has unbalanced braces."""
-
-
-def render_command(command: Sequence[str], values: Mapping[str, str]) -> tuple[str, ...]:
-    """Fill ``{name}`` placeholders in each argument from ``values`` (``{{``/``}}`` escape).
-
-    Only bare names are allowed: no ``{x.attr}``, ``{x[0]}``, ``{x!r}`` or ``{x:>8}``, because
-    the plan arrives over the network and ``str.format`` would otherwise evaluate attribute
-    lookups on our values. Anything else raises :class:`PlaceholderError`.
-    """
-    out: list[str] = []
-    for i, arg in enumerate(command):
-        parts: list[str] = []
-        try:
-            parsed = list(_FORMATTER.parse(arg))
-        except ValueError as exc:
-            raise PlaceholderError(f"command[{i}]: {exc}") from None
-        for literal, name, spec, conversion in parsed:
-            parts.append(literal)
-            if name is None:
-                continue
-            if name not in values or spec or conversion:
-                known = ", ".join("{" + k + "}" for k in sorted(values))
-                raise PlaceholderError(
-                    f"command[{i}]: unknown placeholder {{{name}}} (known: {known})"
-                )
-            parts.append(values[name])
-        out.append("".join(parts))
-    return tuple(out)
 
 
 def step_env(

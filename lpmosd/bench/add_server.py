@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from lpmosd import schema
+from lpmosd.api_requests import CreateTaskRequest
 from lpmosd.bench.common import (
     BenchOptions,
     RoundResults,
@@ -38,11 +39,12 @@ from lpmosd.bench.common import (
     unique_suffix,
     write_results,
 )
+from lpmosd.documents import ServerEntry, TaskStatus
 from lpmosd.etcd import EtcdClient, put
 from lpmosd.etcd.txn import MAX_TXN_OPS
 from lpmosd.migrate.v2 import V2Writer, list_key
-from lpmosd.models import CreateTaskRequest, ServerEntry, TaskStatus, utcnow
 from lpmosd.store import Store
+from lpmosd.timestamps import utcnow
 
 NAME = "add-server"
 VARIANTS = ("v2", "v3-put", "lpmosd")

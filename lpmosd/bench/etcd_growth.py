@@ -26,6 +26,7 @@ from typing import Any
 import trio
 
 from lpmosd import schema
+from lpmosd.api_requests import CreateTaskRequest
 from lpmosd.bench.common import (
     BenchOptions,
     add_common_args,
@@ -39,9 +40,10 @@ from lpmosd.bench.common import (
 )
 from lpmosd.compaction import Compactor
 from lpmosd.credentials import AgentToken
-from lpmosd.etcd import EtcdClient, EventType, put, watch
-from lpmosd.models import CreateTaskRequest, MachineMeta, TaskStatus, utcnow
+from lpmosd.documents import MachineMeta, TaskStatus
+from lpmosd.etcd import EtcdClient, EventType, watch
 from lpmosd.store import Store
+from lpmosd.timestamps import utcnow
 
 NAME = "etcd-growth"
 IDC = "bench-growth"
@@ -89,7 +91,7 @@ async def one_install(store: Store, client: EtcdClient, machine: int) -> None:
         mac=_mac(machine),
         meta=meta,
         lease_id=lease.id,
-        credentials=(put(schema.agent_token_key(IDC, sn), record.to_json()),),
+        token=record,
     )
     await store.approve(IDC, sn, approved_by="bench")
     steps = ("partitioning", "formatting", "base-system", "packages", "bootloader", "network")

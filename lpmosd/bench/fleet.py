@@ -40,6 +40,7 @@ from typing import Any
 import trio
 
 from lpmosd import schema
+from lpmosd.api_requests import CreateTaskRequest
 from lpmosd.bench.agents import FleetStats, HttpConn, HttpError, SimAgent, agent_mac, step_names
 from lpmosd.bench.common import (
     BenchOptions,
@@ -64,8 +65,8 @@ from lpmosd.bench.procs import (
 )
 from lpmosd.bench.profile import Sampler
 from lpmosd.bench.rawput import ceiling
+from lpmosd.documents import TaskStatus
 from lpmosd.etcd import EtcdClient
-from lpmosd.models import CreateTaskRequest, TaskStatus
 from lpmosd.store import Store
 
 NAME = "fleet"

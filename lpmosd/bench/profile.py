@@ -35,7 +35,11 @@ COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "agent API handlers (auth, models, JSON)",
         (
             "lpmosd/web/agent_app.py",
-            "lpmosd/models.py",
+            "lpmosd/fields.py",
+            "lpmosd/documents.py",
+            "lpmosd/lifecycle.py",
+            "lpmosd/api_requests.py",
+            "lpmosd/timestamps.py",
             "lpmosd/credentials.py",
             "lpmosd/store.py",
             "json/",

@@ -34,6 +34,7 @@ from typing import Any
 import trio
 
 from lpmosd import schema
+from lpmosd.api_requests import CreateTaskRequest
 from lpmosd.bench.common import (
     BenchOptions,
     RoundResults,
@@ -50,8 +51,8 @@ from lpmosd.bench.common import (
 )
 from lpmosd.etcd import EtcdClient, KeyValue, RangeResult, get
 from lpmosd.migrate.v2 import V2Writer, state_doc, state_key, task_doc, tasks_key
-from lpmosd.models import CreateTaskRequest, format_ts, utcnow
 from lpmosd.store import Store
+from lpmosd.timestamps import format_ts, utcnow
 
 NAME = "progress-update"
 VARIANTS = ("v2", "v3", "lpmosd")

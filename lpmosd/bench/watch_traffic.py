@@ -36,6 +36,7 @@ from typing import Any
 import trio
 
 from lpmosd import schema
+from lpmosd.api_requests import CreateTaskRequest
 from lpmosd.bench.common import (
     BenchOptions,
     Spread,
@@ -49,10 +50,11 @@ from lpmosd.bench.common import (
     unique_suffix,
     write_results,
 )
+from lpmosd.documents import TaskStatus
 from lpmosd.etcd import EtcdClient, watch
 from lpmosd.migrate.v2 import V2Writer, list_key, state_doc, task_doc, tasks_key
-from lpmosd.models import CreateTaskRequest, TaskStatus, format_ts, utcnow
 from lpmosd.store import Store
+from lpmosd.timestamps import format_ts, utcnow
 
 NAME = "watch-traffic"
 LAYOUTS = ("v2", "v3")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
-from lpmosd.models import Task, TaskStatus
+from lpmosd.documents import Task, TaskStatus
 
 #: Statuses in which a machine boots the installer (its netboot flag permitting).
 BOOT_STATUSES: Final = frozenset({TaskStatus.PENDING, TaskStatus.APPROVED, TaskStatus.INSTALLING})

@@ -16,9 +16,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Self
 
-from lpmosd.config import Plan
 from lpmosd.errors import ValidationError
-from lpmosd.models import format_ts, parse_ts
+from lpmosd.plan import Plan
+from lpmosd.timestamps import format_ts, parse_ts
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

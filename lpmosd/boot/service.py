@@ -27,11 +27,12 @@ from lpmosd.boot.decision import Decision, Reason, decide
 from lpmosd.boot.ostypes import OsTypes, installable
 from lpmosd.boot.scripts import InstallBoot, install_script, local_script
 from lpmosd.config import RegionalConfig
+from lpmosd.documents import Task
 from lpmosd.errors import ConflictError, EtcdError, NotFoundError, ValidationError
 from lpmosd.etcd import KeyValue
 from lpmosd.metrics import REGISTRY
-from lpmosd.models import Task, utcnow
 from lpmosd.store import Store, parse_lease_value
+from lpmosd.timestamps import utcnow
 from lpmosd.view import Change, PrefixView
 
 log = logging.getLogger("lpmosd.boot")

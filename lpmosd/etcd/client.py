@@ -186,6 +186,11 @@ class EtcdClient:
         return [e.url for e in self._transport.endpoints]
 
     @property
+    def uses_auth(self) -> bool:
+        """Whether requests carry an auth token (a user and password were given)."""
+        return self._auth is not None
+
+    @property
     def closed(self) -> bool:
         """True once :func:`open_client`'s body has ended (nothing may be sent any more)."""
         return self._keepalive is None

@@ -100,7 +100,7 @@ class _Watcher:
                                 reauthenticated = False
                             backoff = 0.05
                 except EtcdAuthError as exc:
-                    if reauthenticated or self.client._auth is None:
+                    if reauthenticated or not self.client.uses_auth:
                         await self._fail(exc, started)
                         return
                     reauthenticated = True

@@ -36,7 +36,7 @@ from typing import Final
 
 import trio
 
-from lpmosd import models, schema
+from lpmosd import schema, timestamps
 from lpmosd.errors import EtcdUnavailableError
 from lpmosd.etcd import Compare, EtcdClient, KeyValue, Op, RangeResult, delete, get, put
 from lpmosd.migrate import v2
@@ -233,7 +233,7 @@ async def apply(
     hook: Hook | None = None,
     on_result: OnResult | None = None,
     on_plan: Callable[[Plan], None] | None = None,
-    clock: Callable[[], datetime] = models.utcnow,
+    clock: Callable[[], datetime] = timestamps.utcnow,
     max_rounds: int = MAX_ROUNDS,
 ) -> ApplyReport:
     """Migrate ``idc``; see the module docstring. Never raises for a bad server.

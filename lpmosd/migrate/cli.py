@@ -11,11 +11,17 @@ import json
 import sys
 from pathlib import Path
 
-from lpmosd import schema
+from lpmosd import hooks, schema
 from lpmosd.errors import ValidationError
 from lpmosd.etcd import EtcdClient
 from lpmosd.migrate import v2
-from lpmosd.migrate.apply import DEFAULT_CONCURRENCY, ApplyReport, Outcome, ServerResult, apply
+from lpmosd.migrate.apply import (
+    DEFAULT_CONCURRENCY,
+    ApplyReport,
+    Outcome,
+    ServerResult,
+    apply,
+)
 from lpmosd.migrate.export import (
     discover_idcs,
     export_v2,
@@ -310,6 +316,14 @@ def _summary(report: ApplyReport) -> str:
     return f"{report.idc}: {', '.join(parts)} in {report.elapsed:.2f}s; {tail}"
 
 
+async def _fault_points(point: str) -> None:
+    # apply's hook points ("after-txn:sn-001") as named fault points (lpmosd.hooks):
+    # "migrate.after-txn", so a test can stop or kill this process at the n-th one.
+    if point.startswith(("before-txn:", "after-txn:")):
+        sys.stdout.flush()  # what the run reported so far reaches the test
+    await hooks.reach("migrate." + point.partition(":")[0])
+
+
 def _cmd_apply(args: argparse.Namespace) -> int:
     cfg = etcd_config_from_args(args)
 
@@ -336,6 +350,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                         client,
                         idc,
                         concurrency=args.concurrency,
+                        hook=_fault_points,
                         on_plan=on_plan,
                         on_result=on_result,
                     )

@@ -39,7 +39,7 @@ from typing import Any, Final, Self
 
 import trio
 
-from lpmosd import models
+from lpmosd import timestamps
 from lpmosd.errors import LpmosdError
 from lpmosd.etcd import Compare, EtcdClient, KeyValue, get, put
 from lpmosd.etcd.types import RangeResult
@@ -227,7 +227,7 @@ async def export_v2(client: EtcdClient, idcs: Sequence[str]) -> Export:
     return Export(
         keys=tuple(keys),
         idcs=revs,
-        exported_at=models.format_ts(models.utcnow()),
+        exported_at=timestamps.format_ts(timestamps.utcnow()),
         endpoints=tuple(client.endpoints),
     )
 

@@ -31,9 +31,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
-from lpmosd import models
-from lpmosd.errors import ValidationError
-from lpmosd.models import (
+from lpmosd import lifecycle
+from lpmosd.documents import (
     MAX_PROGRESS_STEPS,
     Approval,
     ProgressStep,
@@ -41,9 +40,10 @@ from lpmosd.models import (
     StatusChange,
     Task,
     TaskStatus,
-    parse_ts,
 )
+from lpmosd.errors import ValidationError
 from lpmosd.schema import normalize_mac, validate_idc, validate_sn
+from lpmosd.timestamps import parse_ts
 
 __all__ = ["Malformed", "Merged", "merge_task_and_state"]
 
@@ -209,8 +209,8 @@ def merge_task_and_state(idc: str, sn: str, tasks: bytes, state: bytes | None) -
         if not isinstance(line, str):
             raise Malformed(f"state.logs[{i}]: must be a string")
         logs.append(line)
-    # The daemon's own caps (private helpers on purpose: one definition of the limits).
-    kept_logs, dropped = models._cap_logs(tuple(logs), 0)
+    # The daemon's own caps: one definition of the limits.
+    kept_logs, dropped = lifecycle.cap_logs(tuple(logs), 0)
     if dropped:
         notes.append(f"state.logs: {dropped} oldest lines over the v3 cap counted as dropped")
     if raw_history is None:
@@ -219,7 +219,7 @@ def merge_task_and_state(idc: str, sn: str, tasks: bytes, state: bytes | None) -
         history = tuple(
             _sub(StatusChange, h, f"state.status_history[{i}]") for i, h in enumerate(raw_history)
         )
-        capped = models._cap_history(history)
+        capped = lifecycle.cap_history(history)
         if len(capped) != len(history):
             notes.append(f"state.status_history: trimmed to the v3 cap of {len(capped)} entries")
         history = capped

@@ -23,8 +23,8 @@ from typing import Any, Final, Self
 
 from lpmosd.errors import ValidationError
 from lpmosd.etcd import KeyValue
-from lpmosd.models import format_ts, parse_ts
 from lpmosd.schema import ROOT, validate_idc, validate_sn
+from lpmosd.timestamps import format_ts, parse_ts
 
 __all__ = ["FORMAT", "RECORDS_ROOT", "MigrationRecord", "RawDoc", "record_key", "records_prefix"]
 

@@ -52,8 +52,8 @@ from typing import Any, Final, Literal
 
 from lpmosd.etcd import EtcdClient, Op, put
 from lpmosd.etcd.txn import MAX_TXN_OPS
-from lpmosd.models import format_ts
 from lpmosd.schema import ROOT, validate_idc
+from lpmosd.timestamps import format_ts
 
 __all__ = [
     "V2Kind",

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from lpmosd import schema
+from lpmosd.documents import ServerEntry, Task
 from lpmosd.errors import ValidationError
 from lpmosd.etcd import EtcdClient, KeyValue
 from lpmosd.migrate import v2
@@ -26,7 +27,6 @@ from lpmosd.migrate.export import Export
 from lpmosd.migrate.merge import Malformed, merge_task_and_state
 from lpmosd.migrate.plan import Action, Plan, make_plan, read_snapshot
 from lpmosd.migrate.record import MigrationRecord
-from lpmosd.models import ServerEntry, Task
 
 __all__ = ["VerifyReport", "verify", "verify_plan"]
 

@@ -1,4 +1,5 @@
-"""The control-plane role: operators' REST API and dashboard, plus the lease reaper.
+"""The control-plane role: the state behind the operators' REST API and dashboard, and the
+lease reaper.
 
 Several control planes may run: each serves the API and dashboard from its own view; they
 stand for election on their session leases and only the leader reaps (its writes fenced
@@ -31,7 +32,6 @@ from lpmosd.roles.session import SessionState, run_session, session_value
 from lpmosd.store import Store
 from lpmosd.tokens import TokenStore
 from lpmosd.view import PrefixView
-from lpmosd.web.server import serve_app
 
 log = logging.getLogger("lpmosd.control_plane")
 
@@ -106,37 +106,20 @@ class ControlPlane:
         self.reaper.enqueue(idc, sn, why)
         return True
 
-    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve the API and keep the session (view + reaper) alive until cancelled."""
-        from lpmosd.web.control_app import create_control_app
-
-        app = create_control_app(self)
-        async with open_nursery() as nursery:
-            await nursery.start(
-                partial(
-                    run_session,
-                    self.client,
-                    self.session,
-                    election=schema.CONTROL_PLANE_ELECTION,
-                    fence=self.fence,
-                    ttl=SESSION_TTL,
-                    body=self._session_body,
-                    leader_body=self._leader_body,
-                    value=session_value("control-plane"),
-                )
-            )
-            url = await nursery.start(
-                partial(
-                    serve_app,
-                    app,
-                    host=self.config.listen,
-                    port=self.config.port,
-                    certfile=self.config.tls_cert_file,
-                    keyfile=self.config.tls_key_file,
-                )
-            )
-            log.info("control plane listening", extra={"url": url})
-            task_status.started(url)
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the session (view, token cache; the reaper while leader) alive until
+        cancelled. The daemon serves the API over this role."""
+        await run_session(
+            self.client,
+            self.session,
+            election=schema.CONTROL_PLANE_ELECTION,
+            fence=self.fence,
+            ttl=SESSION_TTL,
+            body=self._session_body,
+            leader_body=self._leader_body,
+            value=session_value("control-plane"),
+            task_status=task_status,
+        )
 
     async def _session_body(
         self, lease: HeldLease, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

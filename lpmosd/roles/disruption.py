@@ -34,10 +34,12 @@ import trio
 from lpmosd import schema
 from lpmosd._trio_util import open_nursery
 from lpmosd.config import DisruptionConfig
+from lpmosd.documents import Task
 from lpmosd.errors import EtcdError
 from lpmosd.etcd import EtcdClient, KeyValue
-from lpmosd.models import ACTIVE_AGENT, Task, format_ts, utcnow
+from lpmosd.lifecycle import ACTIVE_AGENT
 from lpmosd.store import parse_lease_value
+from lpmosd.timestamps import format_ts, utcnow
 from lpmosd.view import Change, PrefixView
 
 log = logging.getLogger("lpmosd.disruption")

@@ -21,9 +21,10 @@ import trio
 
 from lpmosd import hooks, schema
 from lpmosd._trio_util import open_nursery
+from lpmosd.documents import Task, TaskStatus
 from lpmosd.errors import EtcdError, InputError, NotLeaderError
 from lpmosd.etcd import Compare
-from lpmosd.models import ACTIVE_AGENT, Task, TaskStatus
+from lpmosd.lifecycle import ACTIVE_AGENT
 from lpmosd.store import Store, StoredTask
 from lpmosd.view import Change, PrefixView
 

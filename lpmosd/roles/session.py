@@ -28,7 +28,7 @@ from lpmosd import hooks
 from lpmosd._trio_util import open_nursery
 from lpmosd.errors import EtcdError, LeaseLost
 from lpmosd.etcd import EtcdClient, Fence, HeldLease, nominate, open_lease, wait_for_leadership
-from lpmosd.models import format_ts, utcnow
+from lpmosd.timestamps import format_ts, utcnow
 
 log = logging.getLogger("lpmosd.session")
 

@@ -16,9 +16,12 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from lpmosd import schema
+from lpmosd.api_requests import ApproveRequest, CreateTaskRequest
 from lpmosd.boot.ostypes import check_os_type
+from lpmosd.documents import MAX_TEXT_CHARS, TaskStatus
 from lpmosd.errors import ValidationError
-from lpmosd.models import ApproveRequest, CreateTaskRequest, TaskStatus, sanitize_text, utcnow
+from lpmosd.fields import sanitize_text
+from lpmosd.timestamps import utcnow
 from lpmosd.tokens import Role, parse_expiry, validate_token_name
 from lpmosd.web.auth import csrf_token, current_principal, install_auth, require_role
 from lpmosd.web.common import install_common, json_response, metrics_response, read_json
@@ -70,7 +73,7 @@ def _reason(body: object) -> str:
     reason = body.get("reason", "")
     if not isinstance(reason, str) or len(reason) > 2000:
         raise ValidationError("reason must be a string of at most 2000 characters", "reason")
-    return sanitize_text(reason)
+    return sanitize_text(reason, MAX_TEXT_CHARS)
 
 
 def create_control_app(cp: ControlPlane) -> QuartTrio:

@@ -22,10 +22,12 @@ from quart import Blueprint, Response, render_template, request, url_for
 from quart_trio import QuartTrio
 
 from lpmosd import schema
+from lpmosd.api_requests import CreateTaskRequest
 from lpmosd.boot.ostypes import OsTypes, check_os_type
+from lpmosd.documents import MachineMeta, Task, TaskStatus
 from lpmosd.errors import EtcdError, InputError, NotFoundError, UnavailableError, ValidationError
 from lpmosd.etcd import leader_of
-from lpmosd.models import CreateTaskRequest, MachineMeta, Task, TaskStatus, format_ts
+from lpmosd.timestamps import format_ts
 from lpmosd.view import PrefixView
 from lpmosd.web.auth import (
     Role,
@@ -73,7 +75,7 @@ CREATE_FIELDS: Final = (
 _REQUIRED: Final = frozenset({"idc", "sn", "mac", "os_type"})
 _DEFAULTS: Final = {"disk_layout": "auto", "network_config": "dhcp"}
 
-#: Which actions a status allows (the state machine of lpmosd.models).
+#: Which actions a status allows (the state machine of lpmosd.lifecycle).
 ACTIONS_BY_STATUS: Final[dict[str, tuple[str, ...]]] = {
     "pending": ("approve", "cancel", "enrolment"),
     "approved": ("cancel", "enrolment"),

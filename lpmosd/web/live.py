@@ -30,9 +30,10 @@ from typing import Any, Final
 import trio
 
 from lpmosd import schema
+from lpmosd.documents import MachineMeta, ProgressStep, Task, TaskStatus
 from lpmosd.errors import LpmosdError, UnavailableError
 from lpmosd.etcd import KeyValue
-from lpmosd.models import MachineMeta, ProgressStep, Task, TaskStatus, format_ts
+from lpmosd.timestamps import format_ts
 from lpmosd.view import Change, PrefixView
 
 log = logging.getLogger("lpmosd.dashboard")
@@ -116,6 +117,7 @@ def task_detail(task: Task) -> dict[str, Any]:
         "status": task.status.value,
         "error": task.error,
         "resume_from": task.resume_from,
+        "first_boot_at": None if task.first_boot_at is None else format_ts(task.first_boot_at),
         "netboot": task.netboot,
         "progress": [p.to_dict() for p in task.progress],
         "history": [c.to_dict() for c in task.status_history],

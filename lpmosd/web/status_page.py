@@ -24,9 +24,10 @@ from quart import Blueprint, render_template
 from quart_trio import QuartTrio
 
 from lpmosd import schema
+from lpmosd.documents import ServerEntry, Task
 from lpmosd.errors import LpmosdError
-from lpmosd.models import ServerEntry, Task, format_ts
 from lpmosd.store import parse_lease_value
+from lpmosd.timestamps import format_ts
 from lpmosd.web.ops import ROLE_METRICS, etcd_probe
 from lpmosd.web.pages import page_headers
 
@@ -76,7 +77,7 @@ def _server_rows(rg: Regional, now: float) -> list[dict[str, Any]]:
                 row["error"] = task.error or ""
         lease_kv = machines.get(schema.lease_key(rg.idc, sn))
         row["agent"] = lease_kv is not None
-        row["heartbeat"] = _age(rg.heartbeats.get(sn), now) if lease_kv is not None else ""
+        row["heartbeat"] = _age(rg.agents.heartbeats.get(sn), now) if lease_kv is not None else ""
         rows.append(row)
     return rows
 
@@ -95,7 +96,7 @@ def _agent_rows(rg: Regional, now: float) -> list[dict[str, Any]]:
                 "sn": parsed.sn,
                 "lease": kv.lease or parse_lease_value(kv.value) or 0,
                 # Only heartbeats this process received: after a restart, "—" until the next.
-                "heartbeat": _age(rg.heartbeats.get(parsed.sn), now),
+                "heartbeat": _age(rg.agents.heartbeats.get(parsed.sn), now),
             }
         )
     return rows

@@ -12,12 +12,11 @@ import trio.testing
 from lpmosd.agent.client import (
     AgentAPIError,
     AgentClient,
-    PlanError,
     RegionalUnavailableError,
     RetryPolicy,
     TaskView,
-    parse_plan,
 )
+from lpmosd.plan import PlanError, plan_from_wire, plan_to_wire
 
 from .agent_fakes import API, FakeRegional
 
@@ -188,42 +187,47 @@ def test_task_view_is_lenient_about_extras() -> None:
     assert view.os_type == ""
 
 
-def test_parse_plan() -> None:
-    assert parse_plan(None) is None
-    plan = parse_plan(
+def test_plan_from_wire() -> None:
+    assert plan_from_wire(None) is None
+    plan = plan_from_wire(
         {
             "name": "ubuntu",
             "steps": [
-                {"name": "a", "command": ["echo", "{sn}"], "timeout": 5, "simulate": None},
+                {"name": "a", "command": ["/bin/echo", "{sn}"], "timeout": 5, "simulate": None},
                 {"name": "b", "command": [], "timeout": 5.5, "simulate": 1},
             ],
+            "future": "ignored",
         }
     )
     assert plan is not None
-    assert plan.step_names == ("a", "b")
-    assert plan.steps[0].command == ("echo", "{sn}") and plan.steps[0].simulate is None
+    assert plan.os_type == "ubuntu" and plan.step_names == ("a", "b")
+    assert plan.steps[0].command == ("/bin/echo", "{sn}") and plan.steps[0].simulate is None
     assert plan.steps[1].timeout == 5.5 and plan.steps[1].simulate == 1.0
+    assert plan_from_wire(plan_to_wire(plan)) == plan
 
 
 @pytest.mark.parametrize(
     ("plan", "error"),
     [
-        ([], "plan must be an object"),
-        ({"steps": []}, "plan.name"),
-        ({"name": "x", "steps": {}}, "plan.steps must be a list"),
-        ({"name": "x", "steps": [{"name": "a"}]}, "needs a command or simulate"),
+        ([], "plan: must be an object"),
+        ({"steps": []}, "plan.name: must be a string"),
+        ({"name": "x", "steps": {}}, "plan.steps: must be a list of objects"),
+        ({"name": "x", "steps": []}, r"plan.steps: must have 1\.\.64 steps"),
+        ({"name": "x", "steps": [{"name": "a"}]}, r"steps\[0\]\.command: is required"),
         ({"name": "x", "steps": [{"name": "Bad Name", "simulate": 1}]}, r"steps\[0\]\.name"),
         ({"name": "x", "steps": [{"name": "", "simulate": 1}]}, r"steps\[0\]\.name"),
         ({"name": "x", "steps": [{"name": "a", "command": "rm -rf /"}]}, "list of strings"),
-        ({"name": "x", "steps": [{"name": "a", "command": ["a"], "timeout": True}]}, "number"),
-        ({"name": "x", "steps": [{"name": "a", "command": ["a"], "timeout": 0}]}, "at least"),
+        ({"name": "x", "steps": [{"name": "a", "command": ["rm"]}]}, "absolute program path"),
+        ({"name": "x", "steps": [{"name": "a", "command": ["/a", "{x.y}"]}]}, "placeholder"),
+        ({"name": "x", "steps": [{"name": "a", "command": ["/a"], "timeout": True}]}, "number"),
+        ({"name": "x", "steps": [{"name": "a", "command": ["/a"], "timeout": 0}]}, "1..86400"),
         ({"name": "x", "steps": [{"name": "a", "simulate": 1}, {"name": "a", "simulate": 1}]},
-         "repeated"),
+         "duplicate step name"),
     ],
 )  # fmt: skip
-def test_parse_plan_errors(plan: object, error: str) -> None:
+def test_plan_from_wire_errors(plan: object, error: str) -> None:
     with pytest.raises(PlanError, match=error):
-        parse_plan(plan)
+        plan_from_wire(plan)
 
 
 async def test_several_regionals_move_on_at_once(autojump_clock: trio.testing.MockClock) -> None:

@@ -32,11 +32,12 @@ from provisioning_kit import (
 from lpmosd import schema
 from lpmosd.agent.client import RetryPolicy
 from lpmosd.agent.main import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, AgentOptions, run_agent
-from lpmosd.config import ROLE_CONTROL_PLANE, ROLE_REGIONAL, Config, Plan, PlanStep
+from lpmosd.config import ROLE_CONTROL_PLANE, ROLE_REGIONAL, Config
 from lpmosd.daemon import Daemon
+from lpmosd.documents import Task
 from lpmosd.etcd import open_client
 from lpmosd.etcd_process import EtcdProcess
-from lpmosd.models import Task
+from lpmosd.plan import Plan, PlanStep
 from lpmosd.store import Store
 from lpmosd.tokens import Role
 

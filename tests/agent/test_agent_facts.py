@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from lpmosd.agent.facts import HardwareFacts, collect_facts
-from lpmosd.models import Disk, Dmi, MachineMeta, Nic, utcnow
+from lpmosd.documents import Disk, Dmi, MachineMeta, Nic
+from lpmosd.timestamps import utcnow
 
 CPUINFO = """\
 processor\t: 0

@@ -19,7 +19,7 @@ from lpmosd.agent.main import (
     AgentOptions,
     run_agent,
 )
-from lpmosd.models import Nic
+from lpmosd.documents import Nic
 
 from .agent_fakes import API, FakeRegional, FakeTask
 
@@ -123,7 +123,7 @@ async def test_command_plan_with_placeholders() -> None:
             "steps": [
                 {
                     "name": "show",
-                    "command": ["printf", "%s|", "{sn}", "{mac}", "{os_type}", "{idc}"],
+                    "command": ["/usr/bin/printf", "%s|", "{sn}", "{mac}", "{os_type}", "{idc}"],
                     "timeout": 5,
                 },
                 {"name": "env", "command": ["/bin/sh", "-c", "echo $LPMOS_DISK_LAYOUT"],
@@ -157,11 +157,12 @@ async def test_failing_step_fails_the_task() -> None:
 
 
 async def test_step_timeout_fails_the_task() -> None:
-    regional = FakeRegional(plan=sh_plan(("hang", "sleep 30"), timeout=0.3))
+    # The shortest timeout a plan may have (lpmosd.plan): 1 s.
+    regional = FakeRegional(plan=sh_plan(("hang", "sleep 30"), timeout=1))
     task = regional.add_task(status="approved")
     with trio.fail_after(5):
         assert await run_agent(options(regional)) == EXIT_FAILED
-    assert task.reason == "step hang failed: timed out after 0.3s"
+    assert task.reason == "step hang failed: timed out after 1s"
 
 
 async def test_cancel_seen_by_heartbeat_kills_the_step(tmp_path: Path) -> None:
@@ -409,7 +410,7 @@ async def test_malformed_plan_fails_the_task() -> None:
     regional = FakeRegional(plan={"name": "x", "steps": [{"name": "a", "command": "rm -rf /"}]})
     task = regional.add_task(status="approved")
     assert await run_agent(options(regional)) == EXIT_FAILED
-    assert task.reason == "cannot install: plan.steps[0].command must be a list of strings"
+    assert task.reason == "cannot install: plan.steps[0].command: must be a list of strings"
 
 
 async def test_unexpected_refusal_fails_the_task() -> None:

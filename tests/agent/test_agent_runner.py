@@ -12,13 +12,11 @@ import trio.testing
 
 from lpmosd.agent.runner import (
     LogShipper,
-    PlaceholderError,
-    render_command,
     run_step,
     step_env,
 )
-from lpmosd.config import PlanStep
-from lpmosd.models import LogLevel
+from lpmosd.api_requests import LogLevel
+from lpmosd.plan import PlaceholderError, PlanStep, render_command
 
 VALUES = {
     "task_id": "task-001",

@@ -14,9 +14,10 @@ import pytest
 import trio
 from provisioning_kit import TEST_PLANS, make_config, open_control_api, open_daemon
 
-from lpmosd.config import DEMO_PLAN, BootConfig, Plan
+from lpmosd.config import BootConfig
 from lpmosd.daemon import Daemon
 from lpmosd.etcd_process import EtcdProcess
+from lpmosd.plan import DEMO_PLAN, Plan
 
 #: Debian's ``ipxe`` ships iPXE as a Linux-kernel-format image: a real bzImage the
 #: firmware's ``kernel``/``boot`` accept, small, and visible on the serial console.

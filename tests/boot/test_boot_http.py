@@ -14,7 +14,7 @@ from provisioning_kit import HARDWARE, bearer, wait_for
 
 from lpmosd import schema
 from lpmosd.boot.cpio import SECRET_PATH
-from lpmosd.models import TaskStatus
+from lpmosd.documents import TaskStatus
 from lpmosd.store import Store
 
 from .conftest import IMAGE, BootWorld

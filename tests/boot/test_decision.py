@@ -7,8 +7,11 @@ import itertools
 
 import pytest
 
+from lpmosd.api_requests import CreateTaskRequest
 from lpmosd.boot.decision import BOOT_STATUSES, Reason, decide
-from lpmosd.models import CreateTaskRequest, Task, TaskStatus, new_task, utcnow
+from lpmosd.documents import Task, TaskStatus
+from lpmosd.lifecycle import new_task
+from lpmosd.timestamps import utcnow
 
 MAC = "52:54:00:12:34:56"
 
@@ -55,17 +58,17 @@ def test_two_live_tasks_with_one_mac_boot_nothing() -> None:
 
 def test_netboot_lifecycle() -> None:
     """True on create and retry, off once completed (the Txn-level test is in test_boot_http)."""
-    from lpmosd import models
+    from lpmosd import lifecycle
 
     now = utcnow()
     t = task(TaskStatus.PENDING, True)
     assert t.netboot
-    t = models.approve(t, approved_by="op", now=now)
-    t = models.record_progress(t, "partitioning", 10, now=now)
-    failed = models.fail(t, "disk", now=now, actor="agent")
+    t = lifecycle.approve(t, approved_by="op", now=now)
+    t = lifecycle.record_progress(t, "partitioning", 10, now=now)
+    failed = lifecycle.fail(t, "disk", now=now, actor="agent")
     assert failed.netboot
-    assert models.retry(dataclasses.replace(failed, netboot=False), now=now, actor="op").netboot
-    assert not models.complete(t, now=now).netboot
+    assert lifecycle.retry(dataclasses.replace(failed, netboot=False), now=now, actor="op").netboot
+    assert not lifecycle.complete(t, now=now).netboot
 
 
 def test_stored_tasks_without_the_flag() -> None:

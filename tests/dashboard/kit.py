@@ -22,10 +22,11 @@ import trio
 from provisioning_kit import make_config
 
 from lpmosd.agent.facts import HardwareFacts
-from lpmosd.config import ROLE_CONTROL_PLANE, ROLE_REGIONAL, Config, Plan, PlanStep
+from lpmosd.config import ROLE_CONTROL_PLANE, ROLE_REGIONAL, Config
 from lpmosd.daemon import Daemon, run_daemon
+from lpmosd.documents import Disk, Dmi, Nic
 from lpmosd.etcd import ensure_loop
-from lpmosd.models import Disk, Dmi, Nic
+from lpmosd.plan import Plan, PlanStep
 from lpmosd.store import Store
 from lpmosd.tokens import Role, TokenStore
 

@@ -14,7 +14,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from lpmosd.agent.client import AgentClient
-from lpmosd.models import TaskStatus
+from lpmosd.documents import TaskStatus
 
 from .kit import FACTS, MAC, TIMEOUT, DaemonThread, login, read_events, since_of
 

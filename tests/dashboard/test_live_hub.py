@@ -8,9 +8,10 @@ from typing import Any, cast
 
 import trio
 
-from lpmosd import models, schema
+from lpmosd import documents, lifecycle, schema
+from lpmosd.api_requests import CreateTaskRequest
+from lpmosd.documents import Task
 from lpmosd.etcd import EtcdClient, KeyValue
-from lpmosd.models import CreateTaskRequest, Task
 from lpmosd.view import Change, PrefixView
 from lpmosd.web.live import (
     LiveHub,
@@ -25,7 +26,7 @@ T0 = datetime(2026, 1, 30, 12, 0, tzinfo=UTC)
 
 def new_task(sn: str = "sn-001", idc: str = "dc1", task_id: str = "task-1") -> Task:
     req = CreateTaskRequest(idc=idc, sn=sn, mac="00:1a:2b:3c:4d:5e", os_type="demo")
-    return models.new_task(req, task_id=task_id, now=T0, actor="alice")
+    return lifecycle.new_task(req, task_id=task_id, now=T0, actor="alice")
 
 
 def kv(key: str, value: bytes, rev: int) -> KeyValue:
@@ -103,14 +104,14 @@ async def test_changes_fan_out_to_table_and_to_the_machines_page() -> None:
         hub.subscribe(machine="dc1/sn-001", since=(10, 0)) as page,
         hub.subscribe(machine="dc1/other", since=(10, 0)) as elsewhere,
     ):
-        approved = models.approve(task, approved_by="bob", notes="ok", now=T0)
+        approved = lifecycle.approve(task, approved_by="bob", notes="ok", now=T0)
         for listener in view.listeners:
             listener(task_change(approved, 11))
         ((tid, event, data),) = frames(drain(table.receive))
         assert (tid, event) == ("11-0", "task")
         assert data["summary"]["status"] == "approved"
         assert data["counts"] == {
-            "dc1": {s.value: int(s.value == "approved") for s in models.TaskStatus}
+            "dc1": {s.value: int(s.value == "approved") for s in documents.TaskStatus}
         }
         assert "detail" not in data  # the table gets rows, not documents
         ((_, _, detail),) = frames(drain(page.receive))
@@ -124,7 +125,7 @@ async def test_resume_replays_exactly_what_was_missed() -> None:
     hub, _, task = hub_with_task()
     t = task
     for rev in (11, 12, 13):
-        t = models.append_logs(t, [f"line {rev}"], now=T0)
+        t = lifecycle.append_logs(t, [f"line {rev}"], now=T0)
         hub.apply(task_change(t, rev))
     with hub.subscribe(machine="dc1/sn-001", since=(11, 0)) as sub:
         got = frames(sub.backlog)
@@ -140,7 +141,7 @@ async def test_a_ring_too_short_for_the_gap_means_reset() -> None:
     hub.ring_size = 2
     t = task
     for rev in (11, 12, 13):
-        t = models.append_logs(t, ["x"], now=T0)
+        t = lifecycle.append_logs(t, ["x"], now=T0)
         hub.apply(task_change(t, rev))
     with hub.subscribe(machine=None, since=(11, 0)) as sub:  # 12 and 13 still in the ring
         assert [i for i, _, _ in frames(sub.backlog)] == ["12-0", "13-0"]
@@ -154,7 +155,7 @@ async def test_a_slow_browser_is_cut_off_and_resumes_from_the_ring() -> None:
     t = task
     with hub.subscribe(machine=None, since=(10, 0)) as sub:
         for rev in (11, 12, 13):
-            t = models.append_logs(t, ["x"], now=T0)
+            t = lifecycle.append_logs(t, ["x"], now=T0)
             hub.apply(task_change(t, rev))
         got = frames(drain(sub.receive))  # two queued frames, then end of stream
         assert [i for i, _, _ in got] == ["11-0", "12-0"]
@@ -170,7 +171,7 @@ async def test_a_new_session_view_is_diffed_so_nothing_is_missed() -> None:
     hub.apply(task_change(other, 11))
     with hub.subscribe(machine=None, since=(11, 0)) as sub:
         # While the session was down: sn-001 was approved, sn-002 deleted, an agent came up.
-        approved = models.approve(task, approved_by="bob", now=T0)
+        approved = lifecycle.approve(task, approved_by="bob", now=T0)
         lease = schema.lease_key("dc1", "sn-001")
         hub.attach(synced_view({k1: kv(k1, approved.to_json(), 15), lease: kv(lease, b"", 14)}, 20))
         got = frames(drain(sub.receive))
@@ -182,14 +183,14 @@ async def test_a_new_session_view_is_diffed_so_nothing_is_missed() -> None:
     assert hub.machine("dc1", "sn-002") is None
     assert k2 not in hub.machines
     assert hub.counts_dict() == {
-        "dc1": {s.value: int(s.value == "approved") for s in models.TaskStatus}
+        "dc1": {s.value: int(s.value == "approved") for s in documents.TaskStatus}
     }
 
 
 async def test_meta_and_lease_events_and_deletion() -> None:
     hub, _, _ = hub_with_task()
     meta_key = schema.meta_key("dc1", "sn-001")
-    meta = models.MachineMeta(
+    meta = documents.MachineMeta(
         cpu_model="<b>cpu</b>", cpu_cores=4, memory_bytes=1 << 30, reported_at=T0
     )
     with (
@@ -242,7 +243,7 @@ async def test_unreachable_mark_reaches_table_and_page() -> None:
 
 def test_log_delta() -> None:
     t = new_task()
-    more = models.append_logs(t, ["a", "b"], now=T0)
+    more = lifecycle.append_logs(t, ["a", "b"], now=T0)
     d = log_delta(more, t)
     assert (d["start"], d["replace"], d["end"]) == (1, False, 3)
     assert d["lines"] == list(more.logs[1:])
@@ -253,11 +254,11 @@ def test_log_delta() -> None:
 
 def test_current_step_prefers_the_latest_unfinished() -> None:
     t = new_task()
-    t = models.approve(t, approved_by="x", now=T0)
-    t = models.record_progress(t, "partitioning", 100, now=T0 + timedelta(seconds=1))
-    t = models.record_progress(t, "base_system", 50, now=T0 + timedelta(seconds=2))
+    t = lifecycle.approve(t, approved_by="x", now=T0)
+    t = lifecycle.record_progress(t, "partitioning", 100, now=T0 + timedelta(seconds=1))
+    t = lifecycle.record_progress(t, "base_system", 50, now=T0 + timedelta(seconds=2))
     step = current_step(t.progress)
     assert step is not None and step.step == "base_system"
-    t = models.record_progress(t, "base_system", 100, now=T0 + timedelta(seconds=3))
+    t = lifecycle.record_progress(t, "base_system", 100, now=T0 + timedelta(seconds=3))
     step = current_step(t.progress)
     assert step is not None and (step.step, step.percent) == ("base_system", 100)

@@ -29,9 +29,10 @@ from provisioning_kit import GUIDE_TASK, open_proxy
 
 from lpmosd.agent.client import RetryPolicy
 from lpmosd.agent.main import EXIT_OK, AgentOptions, run_agent
+from lpmosd.api_requests import CreateTaskRequest
+from lpmosd.documents import TaskStatus
 from lpmosd.etcd import open_client
 from lpmosd.etcd_process import EtcdProcess
-from lpmosd.models import CreateTaskRequest, TaskStatus
 from lpmosd.store import Store
 
 from .conftest import Cluster, Proc

@@ -24,8 +24,9 @@ from provisioning_kit import GUIDE_TASK
 from lpmosd.agent.client import RetryPolicy
 from lpmosd.agent.facts import HardwareFacts
 from lpmosd.agent.main import EXIT_OK, AgentOptions, run_agent
+from lpmosd.api_requests import CreateTaskRequest
+from lpmosd.documents import Disk, Nic, Task, TaskStatus
 from lpmosd.etcd import open_client
-from lpmosd.models import CreateTaskRequest, Disk, Nic, Task, TaskStatus
 from lpmosd.roles.reaper import HEARTBEAT_LOST
 from lpmosd.store import Store
 

@@ -19,10 +19,11 @@ from lpmosd import schema
 from lpmosd.agent.client import RetryPolicy
 from lpmosd.agent.facts import HardwareFacts
 from lpmosd.agent.main import EXIT_OK, AgentOptions, run_agent
-from lpmosd.config import Plan, PlanStep
+from lpmosd.api_requests import CreateTaskRequest
+from lpmosd.documents import Disk, Nic, Task, TaskStatus
 from lpmosd.etcd import open_client
 from lpmosd.etcd_process import EtcdProcess
-from lpmosd.models import CreateTaskRequest, Disk, Nic, Task, TaskStatus
+from lpmosd.plan import Plan, PlanStep
 from lpmosd.store import HARDWARE_STEP, Store
 
 # An agent cancelled mid-request leaves httpx's request-body iterator unfinished; Trio

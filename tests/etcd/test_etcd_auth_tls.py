@@ -10,8 +10,7 @@ import trio
 
 from lpmosd.errors import EtcdAuthError, EtcdError, EtcdUnavailableError
 from lpmosd.etcd import Auth, TLSFiles, open_client, open_lease, watch
-from lpmosd.etcd_process import EtcdProcess
-from lpmosd.etcd_process import TLSFiles as CertFiles
+from lpmosd.etcd_process import CertificateSet, EtcdProcess
 
 from .helpers import ProxyFactory, assert_our_error
 
@@ -167,7 +166,7 @@ async def test_root_sees_everything(auth_etcd: EtcdProcess) -> None:
 
 
 @pytest.fixture
-def tls_etcd(etcd_factory, tls_certs: CertFiles) -> EtcdProcess:  # type: ignore[no-untyped-def]
+def tls_etcd(etcd_factory, tls_certs: CertificateSet) -> EtcdProcess:  # type: ignore[no-untyped-def]
     """etcd serving TLS that requires a client certificate signed by the test CA."""
     server: EtcdProcess = etcd_factory(
         cert_file=tls_certs.server_cert,
@@ -180,9 +179,9 @@ def tls_etcd(etcd_factory, tls_certs: CertFiles) -> EtcdProcess:  # type: ignore
     return server
 
 
-async def test_tls_with_client_cert(tls_etcd: EtcdProcess, tls_certs: CertFiles) -> None:
+async def test_tls_with_client_cert(tls_etcd: EtcdProcess, tls_certs: CertificateSet) -> None:
     assert tls_etcd.endpoint.startswith("https://")
-    tls = TLSFiles(str(tls_certs.ca_cert), str(tls_certs.client_cert), str(tls_certs.client_key))
+    tls = tls_certs.client_tls()
     async with open_client(tls_etcd.endpoints, tls=tls) as c:
         await c.put("tls/k", "v")
         kv = await c.get("tls/k")
@@ -197,14 +196,16 @@ async def test_tls_with_client_cert(tls_etcd: EtcdProcess, tls_certs: CertFiles)
         assert await c.keepalive_once(lease.id) == 5
 
 
-async def test_tls_without_client_cert_fails(tls_etcd: EtcdProcess, tls_certs: CertFiles) -> None:
+async def test_tls_without_client_cert_fails(
+    tls_etcd: EtcdProcess, tls_certs: CertificateSet
+) -> None:
     with trio.fail_after(10), pytest.raises(EtcdError) as info:
         async with open_client(tls_etcd.endpoints, tls=TLSFiles(str(tls_certs.ca_cert))):
             pass
     assert_our_error(info.value)
 
 
-async def test_tls_untrusted_server_fails(tls_etcd: EtcdProcess, tls_certs: CertFiles) -> None:
+async def test_tls_untrusted_server_fails(tls_etcd: EtcdProcess, tls_certs: CertificateSet) -> None:
     # no CA: the system trust store does not know the test CA
     tls = TLSFiles(None, str(tls_certs.client_cert), str(tls_certs.client_key))
     with trio.fail_after(10), pytest.raises(EtcdUnavailableError) as info:

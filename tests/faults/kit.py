@@ -18,8 +18,9 @@ import trio
 from provisioning_kit import GUIDE_TASK, register_agent
 
 from lpmosd import schema
+from lpmosd.api_requests import CreateTaskRequest
+from lpmosd.documents import Task
 from lpmosd.etcd import EtcdClient
-from lpmosd.models import CreateTaskRequest, Task
 from lpmosd.store import Store
 
 IDC = "dc1"

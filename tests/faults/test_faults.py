@@ -188,7 +188,7 @@ async def test_one_endpoint_blackholed(
             daemon.urls["regional"], Store(client), interval=0.02 if seconds < 30 else 0.2
         )
         await fleet.enrol()
-        leases = {a.sn: rg.lease_id(a.sn) for a in fleet.agents}
+        leases = {a.sn: rg.agents.lease_id(a.sn) for a in fleet.agents}
         session_lease = rg.session.lease
         stop = trio.Event()
         async with trio.open_nursery() as nursery:

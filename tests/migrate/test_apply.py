@@ -13,7 +13,9 @@ from datetime import timedelta
 import pytest
 import trio
 
-from lpmosd import models, schema
+from lpmosd import lifecycle, schema, timestamps
+from lpmosd.api_requests import CreateTaskRequest
+from lpmosd.documents import Task
 from lpmosd.etcd import EtcdClient
 from lpmosd.migrate import v2
 from lpmosd.migrate.apply import Outcome, ServerResult, apply
@@ -21,7 +23,6 @@ from lpmosd.migrate.plan import Action, make_plan, read_snapshot
 from lpmosd.migrate.record import MigrationRecord, record_key
 from lpmosd.migrate.v2 import V2Server, V2Writer, example_server, state_doc, task_doc
 from lpmosd.migrate.verify import verify
-from lpmosd.models import CreateTaskRequest, Task
 
 from .helpers import (
     BASE,
@@ -208,7 +209,7 @@ async def test_existing_v3_key_is_a_conflict(client: EtcdClient) -> None:
     await load_fleet(client, {"dc1": 5})
     # A v3 control plane already created a task for sn-00003.
     req = CreateTaskRequest(idc="dc1", sn="sn-00003", mac="00:1a:2b:3c:4d:5e", os_type="demo")
-    task = models.new_task(req, task_id="task-v3", now=models.utcnow(), actor="ops")
+    task = lifecycle.new_task(req, task_id="task-v3", now=timestamps.utcnow(), actor="ops")
     await client.put(schema.task_key("dc1", "sn-00003"), task.to_json())
     v2_before = await client.get(v2.tasks_key("dc1", "sn-00003"))
     report = await apply(client, "dc1")
@@ -321,7 +322,7 @@ async def test_verify_sees_a_tampered_task_and_tolerates_daemon_updates(
     kv = await client.get(key)
     assert kv is not None
     task = Task.from_json(kv.value)
-    task = models.record_progress(task, "hardware_collect", 100, now=models.utcnow())
+    task = lifecycle.record_progress(task, "hardware_collect", 100, now=timestamps.utcnow())
     await client.put(key, task.to_json())
     report = await verify(client, "dc1")
     assert report.passed and report.updated_since == 1

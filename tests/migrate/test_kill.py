@@ -1,9 +1,11 @@
 """``lpmosd migrate apply`` as a real process, SIGKILLed at different moments and re-run.
 
-The process prints one line per migrated server (stdout is not a TTY), so the test kills it
-after it has reported N servers (Txns in flight at that moment may land or not), or at a
-random instant. After each kill every server must be wholly v2 or wholly v3; the final run
-finishes the job; verify passes and the key counts are exact.
+Each run stops itself at a named point of the migration loop (``LPMOSD_FAULT_AT``, see
+:mod:`lpmosd.hooks`: the n-th ``migrate.scanned``, ``migrate.before-txn`` or
+``migrate.after-txn``, SIGSTOP) and the test SIGKILLs it there: never "after a while",
+which a fast machine outruns. Txns of other workers in flight at that moment may land or
+not. After each kill every server must be wholly v2 or wholly v3; the final run finishes
+the job; verify passes and the key counts are exact.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
 import trio
 
+from lpmosd import hooks
 from lpmosd.etcd import EtcdClient, open_client
 from lpmosd.etcd_process import EtcdProcess
 
@@ -38,8 +42,10 @@ def with_client(etcd: EtcdProcess, fn: Callable[[EtcdClient], Awaitable[T]]) -> 
     return trio.run(main)
 
 
-def lpmosd(etcd: EtcdProcess, *args: str) -> subprocess.Popen[str]:
+def lpmosd(etcd: EtcdProcess, *args: str, stop_at: str | None = None) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if stop_at is not None:
+        env[hooks.ENV] = f"migrate.{stop_at}:stop"
     return subprocess.Popen(
         [sys.executable, "-m", "lpmosd", *args, "--etcd-endpoints", etcd.endpoint],
         stdout=subprocess.PIPE,
@@ -49,22 +55,25 @@ def lpmosd(etcd: EtcdProcess, *args: str) -> subprocess.Popen[str]:
     )
 
 
-def kill_after(etcd: EtcdProcess, lines: int | None, delay: float = 0.0) -> int:
-    """Run apply and SIGKILL it after ``lines`` "migrated" lines (or ``delay`` seconds)."""
-    proc = lpmosd(etcd, "migrate", "apply", "--all")
-    assert proc.stdout is not None
-    seen = 0
-    if lines is None:
-        time.sleep(delay)
-    else:
-        while seen < lines:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            seen += line.startswith("migrated")
+def _state(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def kill_at(etcd: EtcdProcess, point: str) -> None:
+    """Run apply until it stops itself at ``point`` (``after-txn#50``), then SIGKILL it."""
+    proc = lpmosd(etcd, "migrate", "apply", "--all", stop_at=point)
+    deadline = time.monotonic() + 60
+    # Wait for the stop (T), not for a time: the point is where the run is, not when.
+    while _state(proc.pid) != "T":
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"apply ended before {point}: {out[-2000:]} {err[-2000:]}")
+        assert time.monotonic() < deadline, f"apply never reached {point}"
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
-    return seen
+    assert proc.returncode == -signal.SIGKILL
 
 
 def check_invariant(etcd: EtcdProcess, fleet: dict[str, list[str]]) -> int:
@@ -82,21 +91,16 @@ def test_sigkill_at_five_points_then_rerun(etcd: EtcdProcess) -> None:
     servers = with_client(etcd, load_fleet)
     fleet = {idc: [s.sn for s in ss] for idc, ss in servers.items()}
     progress = [0]
-    rng = random.Random(7)
-    # Before the first Txn (the process is still starting), after the 1st server, at a
-    # random instant, and after 50 and 120 more servers: each run resumes the previous.
-    for lines, delay in (
-        (None, 0.3),
-        (1, 0.0),
-        (None, rng.uniform(0.5, 0.9)),
-        (50, 0.0),
-        (120, 0.0),
-    ):
-        kill_after(etcd, lines, delay)
+    # Before the first Txn, after the 1st server, with a Txn about to go out among others
+    # in flight, and after 50 and 120 more servers: each run resumes the previous one.
+    for point in ("scanned#1", "after-txn#1", "before-txn#37", "after-txn#50", "after-txn#120"):
+        kill_at(etcd, point)
         progress.append(check_invariant(etcd, fleet))
     print(f"\nservers in v3 after each kill: {progress[1:]}")
-    assert progress[-1] < 500, "the kills should interrupt the migration"
+    assert progress[1] == 0, "killed before its first Txn"
+    assert progress[-1] < 500, "the kills interrupted the migration"
     assert progress == sorted(progress)  # nothing ever moved back
+    assert len(set(progress[1:])) == 5, "every run migrated something before its kill"
 
     final = lpmosd(etcd, "migrate", "apply", "--all")
     out, err = final.communicate(timeout=60)
@@ -120,10 +124,8 @@ def test_sigkill_at_random_moments_soak(etcd: EtcdProcess) -> None:
     fleet = {idc: [s.sn for s in ss] for idc, ss in servers.items()}
     rng = random.Random(99)
     for _ in range(25):
-        if rng.random() < 0.5:
-            kill_after(etcd, None, rng.uniform(0.2, 1.5))
-        else:
-            kill_after(etcd, rng.randint(0, 40), 0.0)
+        kind = rng.choice(("scanned", "before-txn", "after-txn"))
+        kill_at(etcd, f"{kind}#{1 if kind == 'scanned' else rng.randint(1, 40)}")
         check_invariant(etcd, fleet)
     final = lpmosd(etcd, "migrate", "apply", "--all")
     final.communicate(timeout=60)

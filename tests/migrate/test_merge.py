@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
+from lpmosd.documents import MAX_LOG_LINES, ServerEntry, Task, TaskStatus
 from lpmosd.migrate.merge import Malformed, merge_task_and_state
 from lpmosd.migrate.v2 import example_server, state_doc, task_doc
-from lpmosd.models import MAX_LOG_LINES, ServerEntry, Task, TaskStatus, format_ts
+from lpmosd.timestamps import format_ts
 
 from .helpers import BASE
 

@@ -25,12 +25,15 @@ from provisioning_kit import (
 )
 
 from lpmosd import hooks, schema
+from lpmosd.api_requests import CreateTaskRequest
 from lpmosd.config import ROLE_CONTROL_PLANE, DisruptionConfig
+from lpmosd.credentials import AgentToken
+from lpmosd.documents import MachineMeta, TaskStatus
 from lpmosd.etcd import EtcdClient, candidate_key, open_client, put
 from lpmosd.etcd_process import EtcdProcess
-from lpmosd.models import CreateTaskRequest, MachineMeta, TaskStatus, utcnow
 from lpmosd.roles.reaper import HEARTBEAT_LOST
 from lpmosd.store import Store
+from lpmosd.timestamps import utcnow
 
 S = TaskStatus
 IDC, MAC = "dc1", "00:1a:2b:3c:4d:5e"
@@ -55,10 +58,10 @@ async def setup_task(store: Store, client: EtcdClient, sn: str, status: TaskStat
     await store.create_task(req, actor="test")
     lease = await client.lease_grant(60)
     meta = MachineMeta.from_report(HARDWARE, now=utcnow())
-    # Registration issues the agent's token with the lease key (its content is the
-    # regional's business; the reaper only asks whether one was issued).
-    token = put(schema.agent_token_key(IDC, sn), b"{}")
-    await store.register_agent(IDC, sn, mac=MAC, meta=meta, lease_id=lease.id, credentials=(token,))
+    # Registration issues the agent's token with the lease key (the reaper only asks
+    # whether one was issued).
+    token, _ = AgentToken.issue(task_id="t", mac=MAC, now=utcnow())
+    await store.register_agent(IDC, sn, mac=MAC, meta=meta, lease_id=lease.id, token=token)
     if status is S.PENDING:
         return lease.id
     if status is S.CANCELLED:

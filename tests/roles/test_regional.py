@@ -18,11 +18,11 @@ import trio
 from provisioning_kit import GUIDE_TASK, make_config, open_daemon, register_agent, wait_for
 
 from lpmosd import schema
+from lpmosd.api_requests import CreateTaskRequest
 from lpmosd.config import ROLE_REGIONAL
 from lpmosd.daemon import Daemon
 from lpmosd.etcd import EtcdClient, candidate_key, open_client
 from lpmosd.etcd_process import EtcdProcess
-from lpmosd.models import CreateTaskRequest
 from lpmosd.roles.regional import Regional
 from lpmosd.store import Store
 from lpmosd.view import PrefixView

@@ -30,14 +30,16 @@ from provisioning_kit import (
     wait_for,
 )
 
+from lpmosd.api_requests import CreateTaskRequest
 from lpmosd.config import ROLE_CONTROL_PLANE
 from lpmosd.credentials import hash_secret
 from lpmosd.daemon import Daemon
+from lpmosd.documents import TaskStatus
 from lpmosd.etcd import EtcdClient
 from lpmosd.etcd_process import EtcdProcess
-from lpmosd.models import CreateTaskRequest, TaskStatus, utcnow
 from lpmosd.roles.control_plane import ControlPlane
 from lpmosd.store import Store
+from lpmosd.timestamps import utcnow
 from lpmosd.tokens import TOKENS_PREFIX, Role, TokenStore
 from lpmosd.web.control_app import create_control_app
 

@@ -30,13 +30,11 @@ from lpmosd.config import (
     EtcdAuth,
     EtcdConfig,
     EtcdTLS,
-    Plan,
-    PlanStep,
 )
 from lpmosd.errors import EtcdAuthError
 from lpmosd.etcd import Auth, Compare, TLSFiles, open_client, put
-from lpmosd.etcd_process import EtcdProcess, find_etcdctl_binary
-from lpmosd.etcd_process import TLSFiles as CertFiles
+from lpmosd.etcd_process import CertificateSet, EtcdProcess, find_etcdctl_binary
+from lpmosd.plan import Plan, PlanStep
 from lpmosd.tokens import Role
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,12 +44,11 @@ USERS = {"root": "root", "control-plane": "lpmosd-cp", "dc1": "lpmosd-dc1", "dc2
 @dataclass
 class Secured:
     server: EtcdProcess
-    certs: CertFiles
+    certs: CertificateSet
     passwords: dict[str, Path]  # user -> password file
 
     def tls(self) -> TLSFiles:
-        c = self.certs
-        return TLSFiles(str(c.ca_cert), str(c.client_cert), str(c.client_key))
+        return self.certs.client_tls()
 
     def auth(self, user: str) -> Auth:
         return Auth(user, self.passwords[user].read_text().strip())
@@ -70,7 +67,7 @@ class Secured:
 
 
 def etcd_roles(
-    server: EtcdProcess, certs: CertFiles, *args: str, as_user: str | None = None
+    server: EtcdProcess, certs: CertificateSet, *args: str, as_user: str | None = None
 ) -> None:
     """Run scripts/etcd-roles; ``as_user`` ("root:pw") once auth is on."""
     env = {
@@ -94,7 +91,9 @@ def etcd_roles(
 
 
 @pytest.fixture(scope="module")
-def secured(tls_certs: CertFiles, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
+def secured(
+    tls_certs: CertificateSet, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Secured]:
     """One etcd with TLS + auth and the roles, for the module (the tests only add keys)."""
     tmp_path = tmp_path_factory.mktemp("secured-etcd")
     with EtcdProcess(
@@ -109,7 +108,7 @@ def secured(tls_certs: CertFiles, tmp_path_factory: pytest.TempPathFactory) -> I
         yield _set_up(server, tls_certs, tmp_path)
 
 
-def _set_up(server: EtcdProcess, tls_certs: CertFiles, tmp_path: Path) -> Secured:
+def _set_up(server: EtcdProcess, tls_certs: CertificateSet, tmp_path: Path) -> Secured:
     passwords = {}
     for user in USERS.values():
         path = tmp_path / f"{user}.password"

@@ -49,12 +49,13 @@ from provisioning_kit import (
 
 import lpmosd
 from lpmosd import schema
+from lpmosd.api_requests import CreateTaskRequest
 from lpmosd.daemon import Daemon
 from lpmosd.errors import InputError
 from lpmosd.etcd import EtcdClient
 from lpmosd.etcd_process import EtcdProcess
-from lpmosd.models import CreateTaskRequest
 from lpmosd.store import Store
+from lpmosd.timestamps import utcnow
 from lpmosd.tokens import TOKEN_NAME_RE, TOKENS_PREFIX, Role, TokenStore
 
 FUZZ_EXAMPLES = 300
@@ -420,7 +421,7 @@ async def world(etcd: EtcdProcess, client: EtcdClient, store: Store) -> AsyncIte
         await store.fail("dc1", "sn-003", "x", actor="t")
         await store.cancel("dc1", "sn-004", actor="t")
         tokens = {role: await create_token(client, role) for role in Role}
-        past = lpmosd.models.utcnow() - timedelta(days=2)
+        past = utcnow() - timedelta(days=2)
         _, expired = await TokenStore(client, clock=lambda: past).create(
             "expired", Role.ADMIN, actor="t", expires_in=timedelta(days=1)
         )
@@ -477,6 +478,24 @@ class ErrorLogs(logging.Handler):
         self.records.append(record)
 
 
+def operation_sent(spec: dict[str, Any], req: Request) -> tuple[str, str] | None:
+    """The operation ``req`` reaches. A "." or ".." path segment (a name drawn from NASTY)
+    is resolved by the client before sending (RFC 3986 5.2.4, as browsers and curl do):
+    ``GET /api/v1/tasks/./.`` *is* ``GET /api/v1/tasks``, and is answered as such."""
+    if req.operation is None:
+        return None
+    segments = req.path.partition("?")[0].split("/")
+    if not any(seg in (".", "..") for seg in segments):
+        return req.operation
+    sent = httpx.URL("http://fuzz" + req.path).path
+    method = req.operation[1]
+    for template, item in spec["paths"].items():
+        parts = re.split(r"\{[^}]+\}", template)
+        if re.fullmatch("[^/]+".join(map(re.escape, parts)), sent) and method in item:
+            return template, method
+    return None
+
+
 def check_answer(spec: dict[str, Any], req: Request, r: httpx.Response) -> str | None:
     """What is wrong with the answer to ``req`` (None: nothing)."""
     if r.status_code >= 500:
@@ -489,9 +508,10 @@ def check_answer(spec: dict[str, Any], req: Request, r: httpx.Response) -> str |
         return f"{r.status_code} non-JSON: {r.text[:200]!r}"
     if r.status_code >= 400 and not (isinstance(body, dict) and isinstance(body.get("error"), str)):
         return f"{r.status_code} is not an error document: {body!r:.200}"
-    if req.operation is None:
+    operation = operation_sent(spec, req)
+    if operation is None:
         return None
-    template, method = req.operation
+    template, method = operation
     responses = spec["paths"][template][method]["responses"]
     documented = responses.get(str(r.status_code))
     if documented is None:

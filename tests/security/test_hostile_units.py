@@ -57,7 +57,7 @@ def test_rate_limiter_token_bucket() -> None:
 def test_sessions_expire_and_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     from datetime import timedelta
 
-    from lpmosd.models import utcnow
+    from lpmosd.timestamps import utcnow
     from lpmosd.tokens import Role, TokenRecord
     from lpmosd.web import auth
 

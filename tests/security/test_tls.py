@@ -12,13 +12,14 @@ from provisioning_kit import GUIDE_TASK, bearer, create_token, make_config, open
 
 from lpmosd.agent.client import RetryPolicy
 from lpmosd.agent.main import EXIT_OK, AgentOptions, run_agent
-from lpmosd.config import Config, Plan, PlanStep
+from lpmosd.config import Config
 from lpmosd.etcd import EtcdClient
-from lpmosd.etcd_process import EtcdProcess, TLSFiles
+from lpmosd.etcd_process import CertificateSet, EtcdProcess
+from lpmosd.plan import Plan, PlanStep
 from lpmosd.tokens import Role
 
 
-def tls_config(endpoints: list[str], certs: TLSFiles) -> Config:
+def tls_config(endpoints: list[str], certs: CertificateSet) -> Config:
     """Both roles with the test CA's server certificate, and a quick demo plan."""
     config = make_config(endpoints)
     assert config.control_plane is not None and config.regional is not None
@@ -38,7 +39,7 @@ def tls_config(endpoints: list[str], certs: TLSFiles) -> Config:
 
 
 async def test_both_apis_serve_https(
-    etcd: EtcdProcess, client: EtcdClient, tls_certs: TLSFiles
+    etcd: EtcdProcess, client: EtcdClient, tls_certs: CertificateSet
 ) -> None:
     config = tls_config(etcd.endpoints, tls_certs)
     ca = ssl.create_default_context(cafile=str(tls_certs.ca_cert))

@@ -25,9 +25,9 @@ from provisioning_kit import (
 
 from lpmosd import schema
 from lpmosd.daemon import Daemon
+from lpmosd.documents import MachineMeta
 from lpmosd.etcd import EtcdClient
 from lpmosd.etcd_process import EtcdProcess
-from lpmosd.models import MachineMeta
 from lpmosd.store import Store
 
 SN, MAC = "sn-001", GUIDE_TASK["mac"]

@@ -24,10 +24,11 @@ from provisioning_kit import (
     register_agent,
 )
 
+from lpmosd.documents import MachineMeta, TaskStatus
 from lpmosd.etcd import EtcdClient
 from lpmosd.etcd_process import EtcdProcess
-from lpmosd.models import MachineMeta, TaskStatus, utcnow
 from lpmosd.store import Store
+from lpmosd.timestamps import utcnow
 
 # A 413 closes the connection while httpx is still sending the body; httpx then reads the
 # answer fine but leaves its body iterator unfinished, which Trio reports at GC time.
@@ -112,7 +113,7 @@ async def world(
 ) -> AsyncIterator[World]:
     """A daemon with both roles for dc1, a task installing (sn-001, its agent registered
     through the API), one pending (sn-002), and one of another IDC (dc2/sn-777)."""
-    from lpmosd.models import CreateTaskRequest
+    from lpmosd.api_requests import CreateTaskRequest
 
     async with (
         open_daemon(make_config(etcd.endpoints)) as daemon,

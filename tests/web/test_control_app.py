@@ -18,10 +18,11 @@ from provisioning_kit import (
 )
 
 from lpmosd.config import ROLE_CONTROL_PLANE
+from lpmosd.documents import MachineMeta, TaskStatus
 from lpmosd.etcd import EtcdClient
 from lpmosd.etcd_process import EtcdProcess
-from lpmosd.models import MachineMeta, TaskStatus, utcnow
 from lpmosd.store import Store
+from lpmosd.timestamps import utcnow
 
 MAC = GUIDE_TASK["mac"]
 

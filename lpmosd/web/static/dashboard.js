@@ -16,7 +16,7 @@
     return;
   }
 
-  // Which actions each status allows (lpmosd.models' state machine; the server decides).
+  // Which actions each status allows (lpmosd.lifecycle's state machine; the server decides).
   var ALLOWED = {
     pending: ["approve", "cancel", "enrolment"],
     approved: ["cancel", "enrolment"],
@@ -380,6 +380,8 @@
       err.querySelector("[data-field='error']").textContent = t.error || "";
       document.getElementById("updated-at").textContent = t.updated_at;
       document.getElementById("resume-from").textContent = t.resume_from || "—";
+      document.getElementById("first-boot-at").textContent =
+        t.first_boot_at || (s.status === "completed" ? "not yet (installed, never booted)" : "—");
       document.getElementById("netboot").textContent = t.netboot
         ? "on: PXE boots the installer"
         : "off: PXE boots the disk";
