@@ -8,7 +8,14 @@ import sys
 import httpx
 import pytest
 import trio
-from provisioning_kit import GUIDE_TASK, make_config, open_control_api, open_daemon, wait_for
+from provisioning_kit import (
+    GUIDE_TASK,
+    make_config,
+    open_control_api,
+    open_daemon,
+    publish_os_types,
+    wait_for,
+)
 
 from lpmosd.config import ROLE_CONTROL_PLANE
 from lpmosd.errors import EtcdNoSpaceError
@@ -36,6 +43,9 @@ async def test_nospace_alarm_and_operator_recovery(etcd_factory) -> None:  # typ
         open_daemon(config) as daemon,
         open_control_api(daemon) as api,
     ):
+        # What the IDC's regional would publish (a control plane alone refuses unknown OS
+        # types with a 400 before any write): the create below must reach etcd's refusal.
+        await publish_os_types(daemon, GUIDE_TASK["idc"], (GUIDE_TASK["os_type"],))
         # History fills the database: one key rewritten until etcd refuses.
         with pytest.raises(EtcdNoSpaceError) as info:
             for _ in range(200):
