@@ -205,6 +205,11 @@ def _pack(root: Path, out: Path, epoch: int) -> None:
         cpio.stdin.close()
         if cpio.wait() or zstd.wait():
             raise RuntimeError("cpio | zstd failed")
+    # UEFI: the kernel's EFI stub loads the initrds back to back (iPXE's BIOS loader aligns
+    # them), and the kernel takes the credential cpio that follows this one only at a 4-byte
+    # boundary; the zero bytes between archives are skipped.
+    with out.open("ab") as f:
+        f.write(b"\0" * (-out.stat().st_size % 4))
 
 
 def _base_tarball(opts: BuildOptions, tmp: Path) -> Path:
