@@ -602,6 +602,23 @@ class EtcdProcess:
                 raise EtcdProcessError("etcd is not running")
             self._signal(signal.SIGSTOP)
             self._paused = True
+            # SIGSTOP is delivered asynchronously: wait until every thread has stopped, so
+            # that a call made right after pause() cannot still be answered.
+            self._wait_state("T")
+
+    def _wait_state(self, state: str, timeout: float = 5.0) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                stat = Path(f"/proc/{proc.pid}/stat").read_text()
+            except OSError:
+                return  # gone, or no procfs: nothing to wait for
+            if stat.rsplit(")", 1)[-1].split()[0] == state:
+                return
+            time.sleep(0.001)
 
     def resume(self) -> None:
         """Thaw a paused etcd with SIGCONT (it is then healthy again after a moment)."""
