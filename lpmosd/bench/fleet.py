@@ -21,6 +21,13 @@ sampled with py-spy and the share of its time per component is reported
 (:mod:`lpmosd.bench.profile`; raw stacks in ``bench-results/raw/``). With the environment
 variable ``LPMOSD_BENCH_KEEP=<dir>`` the daemons' configs and logs are kept in ``<dir>``.
 
+Two load models (``--model``): ``closed`` (above: each agent sends as soon as answered;
+measures the regional's ceiling) and ``realistic`` (open loop at an installing machine's
+pace: a progress or log report every 5 s on average, uniformly 0-10 s apart, 20 progress
+and 10 log reports per install, a heartbeat every 10 s, one connection per agent; measures
+whether every agent is answered in time: the agent-seen p99 of every request, failed
+installs). A 429 is retried after its Retry-After plus jitter, a failed install counted.
+
 Fleet sizes run one after the other, each against a fresh regional and control plane, with
 a ceiling measurement before each (so ceiling and fleet interleave: C F C F ...).
 """
@@ -34,6 +41,7 @@ import resource
 import tempfile
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +160,7 @@ async def run_size(
     workdir: Path,
     profile_dir: Path | None = None,
     ramp: float = 0.0,
+    model: str = "closed",
 ) -> dict[str, Any]:
     """One fleet size: ceiling, fresh processes, N agents, checks (and a profile)."""
     await client.delete(schema.idc_prefix(IDC), prefix=True)
@@ -171,6 +180,7 @@ async def run_size(
                 stats,
                 enrollment_secret=secrets.get(f"sn-{i:05d}"),
                 heartbeat_interval=hb,
+                one_connection=model == "realistic",
             )
             for i in range(n)
         ]
@@ -188,8 +198,9 @@ async def run_size(
         async with trio.open_nursery() as nursery:
             # Machines do not all boot in the same millisecond: start the agents over
             # ``ramp`` seconds (n / 500 by default), then let them run flat out.
+            pace, log_every = (REALISTIC_PACE, 2) if model == "realistic" else (0.0, 0)
             for i, a in enumerate(agents):
-                nursery.start_soon(a.install, steps)
+                nursery.start_soon(partial(a.install, steps, pace=pace, log_every=log_every))
                 if ramp and i % 50 == 49:
                     await trio.sleep_until(t0_trio + ramp * (i + 1) / n)
         wall = time.perf_counter() - t0
@@ -216,7 +227,14 @@ async def run_size(
     series = _per_second(ends, sends[0] if sends else 0.0)
     lost = check["missing_steps"]
     requests = sum(stats.statuses.values())
-    result = {
+    req_sends = sorted(t for t, _ in stats.requests)
+    req_span = (max(t + lat for t, lat in stats.requests) - req_sends[0]) if req_sends else 0.0
+    failed = max(stats.failed, check["missing_tasks"] + check["not_completed"])
+    every = latency_summary([lat for _, lat in stats.requests])
+    refused = sum(v for k, v in stats.statuses.items() if k.endswith(" 429"))
+    req_rate = len(stats.requests) / req_span if req_span else 0.0
+    result: dict[str, Any] = {
+        "model": model,
         "agents": n,
         "steps": steps,
         "heartbeat_interval": hb,
@@ -224,11 +242,17 @@ async def run_size(
         "wall_s": wall,
         "progress_acked": acked,
         "progress_expected": n * steps,
+        "note": "realistic: one connection per agent" if model == "realistic" else "",
         "progress_per_s": rate,
         "progress_latency": lat,
         "requests": dict(stats.statuses),
         "request_latency": {k: latency_summary(v) for k, v in stats.latencies.items()},
         "heartbeats": stats.heartbeats,
+        "log_reports": stats.logs,
+        "requests_per_s": req_rate,
+        "all_request_latency": every,
+        "failed_installs": failed,
+        "refused_429": refused,
         "completed": stats.completed,
         "errors": len(stats.errors),
         "error_samples": stats.errors[:10],
@@ -246,9 +270,11 @@ async def run_size(
         "regional_profile": where,
     }
     print(
-        f"  {n} agents: {rate:.0f} progress updates/s, p50 {lat['p50_ms']:.1f} ms, "
-        f"p99 {lat['p99_ms']:.1f} ms, lost {lost}, errors {len(stats.errors)}, "
-        f"ratio {result['ratio']:.2f}"
+        f"  {n} agents ({model}): {rate:.0f} progress updates/s, p50 {lat['p50_ms']:.1f} ms, "
+        f"p99 {lat['p99_ms']:.1f} ms; all requests {req_rate:.0f}/s, "
+        f"p99 {every['p99_ms']:.1f} ms; lost {lost}, failed installs {failed}, "
+        f"errors {len(stats.errors)}, 429s {refused}, "
+        f"ratio {rate / raw['rate'] if raw['rate'] else 0.0:.2f}"
     )
     return result
 
@@ -297,8 +323,11 @@ async def run(
     heartbeat: int | None = None,
     ceiling_seconds: float | None = None,
     profile: bool = False,
+    model: str = "closed",
 ) -> dict[str, Any]:
     """Run the benchmark; returns the results written to JSON."""
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}")
     sizes = sizes or ([100] if opts.quick else [100, 1000, 5000])
     hb = heartbeat or (2 if opts.quick else 10)
     ceiling_s = ceiling_seconds or (2.0 if opts.quick else 4.0)
@@ -311,12 +340,17 @@ async def run(
     ) as tmp:
         async with etcd_target(opts) as target, bench_client(target) as client:
             print(header("fleet: simulated agents through the regional API", opts, target))
-            print(f"sizes {sizes}; {steps} progress steps per agent; heartbeat every {hb} s")
+            print(
+                f"model {model}; sizes {sizes}; {steps} progress steps per agent; "
+                f"heartbeat every {hb} s"
+            )
             for n in sizes:
                 prof = opts.results_dir / "raw" if profile else None
                 ramp = n / 500
                 results.append(
-                    await run_size(client, target, n, steps, hb, ceiling_s, Path(tmp), prof, ramp)
+                    await run_size(
+                        client, target, n, steps, hb, ceiling_s, Path(tmp), prof, ramp, model
+                    )
                 )
     rows = []
     for r in results:
@@ -325,11 +359,16 @@ async def run(
         rss = r["peak_rss_mib"]
         rows.append(
             [
+                r["model"],
                 str(r["agents"]),
                 f"{r['progress_per_s']:.0f}",
                 f"{lat['p50_ms']:.1f}",
                 f"{lat['p99_ms']:.1f}",
+                f"{r['requests_per_s']:.0f}",
+                f"{r['all_request_latency']['p99_ms']:.1f}",
                 f"{r['lost_updates']} of {r['progress_expected']}",
+                str(r["failed_installs"]),
+                str(r["refused_429"]),
                 f"{r['raw_ceiling']['rate']:.0f}",
                 f"{r['ratio']:.2f}",
                 f"{r['regional_cpu_ms_per_request']:.2f}",
@@ -339,11 +378,16 @@ async def run(
         )
     md = markdown_table(
         [
+            "model",
             "agents",
             "progress/s",
-            "p50 ms",
-            "p99 ms",
+            "progress p50 ms",
+            "progress p99 ms",
+            "requests/s",
+            "all requests p99 ms",
             "lost updates",
+            "failed installs",
+            "429s",
             "raw etcd puts/s",
             "fleet ÷ raw",
             "regional CPU ms/request",
@@ -375,6 +419,10 @@ async def run(
     print(f"results: {path}")
     return out
 
+
+MODELS = ("closed", "realistic")
+#: Realistic model: seconds between an agent's reports on average.
+REALISTIC_PACE = 5.0
 
 _PROCS = ("regional-dc1", "control-plane", "etcd", "load generator")
 
@@ -419,6 +467,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--agents", help="comma-separated fleet sizes (default 100,1000,5000; quick 100)"
     )
     p.add_argument("--steps", type=int, default=20, help="progress steps per agent")
+    p.add_argument(
+        "--model",
+        choices=MODELS,
+        default="closed",
+        help="closed: each agent sends as soon as answered (default); realistic: open loop, "
+        "a report every 5 s on average and a heartbeat every 10 s per agent",
+    )
     p.add_argument("--heartbeat", type=int, help="heartbeat interval s (default 10; quick 2)")
     p.add_argument(
         "--profile",
@@ -432,5 +487,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             steps=a.steps,
             heartbeat=a.heartbeat,
             profile=a.profile,
+            model=a.model,
         )
     )
