@@ -67,6 +67,7 @@ from lpmosd.errors import (
 )
 from lpmosd.etcd import EtcdClient, KeyValue
 from lpmosd.journal import Entry, Op, ReportJournal
+from lpmosd.leasekeeper import LeaseKeeper
 from lpmosd.lifecycle import ACTIVE_AGENT, LIVE
 from lpmosd.metrics import AGENT_AUTH_FAILURES, REPORTS_JOURNALED
 from lpmosd.plan import Plan
@@ -189,6 +190,11 @@ class AgentService:
         self.writer = TaskWriter(store)
         #: sn -> trio clock time of the agent's last heartbeat (this process's knowledge).
         self.heartbeats: dict[str, float] = {}
+        #: Agent leases refreshed at most once per TTL/3 each (run :meth:`LeaseKeeper.run`).
+        self.leases = LeaseKeeper(
+            config.agent_lease_ttl,
+            lambda lease_id: client.keepalive_once(lease_id, timeout=config.journal_after),
+        )
         #: Agent token hash -> sn, from the view: tells "another server's token" (403) from
         #: an unknown one (401).
         self.agent_tokens: dict[str, str] = {}
@@ -241,6 +247,7 @@ class AgentService:
         """Revoke an agent lease; failures only cost a TTL of waiting."""
         if not lease_id:
             return
+        self.leases.forget(lease_id)
         try:
             await self.client.lease_revoke(lease_id)
         except EtcdError as exc:
@@ -309,6 +316,11 @@ class AgentService:
         if info is None:
             return
         silent = info.granted_ttl - info.ttl
+        heard = self.heartbeats.get(sn)
+        if heard is not None:
+            # Leases are refreshed at most once per TTL/3 (lpmosd.leasekeeper): what this
+            # process heard last is the fresher word.
+            silent = min(silent, round(trio.current_time() - heard))
         if silent < self.takeover_after:
             AGENT_AUTH_FAILURES.labels("secret_in_use").inc()
             raise ConflictError(
@@ -365,6 +377,7 @@ class AgentService:
         record, agent_token = AgentToken.issue(task_id=enrolment.task_id, mac=mac, now=now)
         old_lease = await self._live_lease_id(sn)
         lease = await self.client.lease_grant(self.config.agent_lease_ttl)
+        self.leases.granted(lease.id, lease.ttl)
         try:
             stored = await self.store.register_agent(
                 self.idc,
@@ -443,16 +456,19 @@ class AgentService:
         try:
             lease_id = await self._live_lease_id(sn)
             if lease_id and task.status not in (TaskStatus.COMPLETED, TaskStatus.CANCELLED):
+                left = self.leases.ttl_left(lease_id)
+                if left is not None:
+                    # Refreshed less than TTL/3 ago (by a heartbeat or after a report).
+                    self.leases.skipped += 1
+                    return Heard(task.status, left)
                 try:
-                    ttl = await self.client.keepalive_once(
-                        lease_id, timeout=self.config.journal_after
-                    )
+                    ttl = await self.leases.refresh(lease_id)
                 except LeaseNotFoundError:
                     # A cached id may be the lease a re-registration just replaced: ask etcd.
                     fresh = await self.store.get_lease_id(self.idc, sn)
                     if fresh and fresh != lease_id:
                         try:
-                            ttl = await self.client.keepalive_once(fresh)
+                            ttl = await self.leases.refresh(fresh)
                         except LeaseNotFoundError:
                             ttl = 0
         except EtcdError:
@@ -583,6 +599,9 @@ class AgentService:
                     extra={"sn": sn, "op": op, "error": str(exc) or type(exc).__name__},
                 )
             else:
+                if op in ("progress", "logs"):
+                    # A report says the agent is alive: its lease is refreshed when due.
+                    self.leases.heard(self.lease_id(sn))
                 return Reported(self._observed(call.view, stored), committed=True)
         self.journal_report(sn, op, args)
         REPORTS_JOURNALED.inc()

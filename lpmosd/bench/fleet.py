@@ -131,7 +131,9 @@ async def check_tasks(client: EtcdClient, idc: str, n: int, steps: int) -> dict[
     }
 
 
-def _procs_for(target: EtcdTarget, workdir: Path, hb: int, ttl: int) -> list[LpmosdProcess]:
+def _procs_for(
+    target: EtcdTarget, workdir: Path, hb: int, ttl: int, server: str
+) -> list[LpmosdProcess]:
     out = []
     for role, name in (("control-plane", "control-plane"), ("regional", "regional-dc1")):
         d = workdir / name
@@ -145,6 +147,7 @@ def _procs_for(target: EtcdTarget, workdir: Path, hb: int, ttl: int) -> list[Lpm
             idc=IDC,
             lease_ttl=ttl,
             heartbeat_interval=hb,
+            http_server=server,
         )
         out.append(LpmosdProcess(name, cfg, port, d / "lpmosd.log"))
     return out
@@ -161,13 +164,14 @@ async def run_size(
     profile_dir: Path | None = None,
     ramp: float = 0.0,
     model: str = "closed",
+    server: str = "lean",
 ) -> dict[str, Any]:
     """One fleet size: ceiling, fresh processes, N agents, checks (and a profile)."""
     await client.delete(schema.idc_prefix(IDC), prefix=True)
     raw = await ceiling(client, target.endpoints[0], ceiling_s)
     print(f"  raw etcd ceiling: {raw['rate']:.0f} puts/s ({raw['client']})")
     secrets = await create_tasks(client, IDC, n)
-    procs = _procs_for(target, workdir / f"n{n}", hb, max(30, 3 * hb))
+    procs = _procs_for(target, workdir / f"n{n}-{server}", hb, max(30, 3 * hb), server)
     async with running(procs):
         regional = procs[1]
         stats = FleetStats()
@@ -189,7 +193,8 @@ async def run_size(
             cpu0["etcd"] = cpu_seconds(target.pid)
         sampler = None
         if profile_dir is not None:
-            sampler = Sampler(regional.pid, profile_dir / f"fleet-regional-{n}.collapsed.txt")
+            raw_name = f"fleet-regional-{model}-{server}-{n}.collapsed.txt"
+            sampler = Sampler(regional.pid, profile_dir / raw_name)
             if not sampler.start():
                 sampler = None
         self0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -235,6 +240,7 @@ async def run_size(
     req_rate = len(stats.requests) / req_span if req_span else 0.0
     result: dict[str, Any] = {
         "model": model,
+        "http_server": server,
         "agents": n,
         "steps": steps,
         "heartbeat_interval": hb,
@@ -270,8 +276,8 @@ async def run_size(
         "regional_profile": where,
     }
     print(
-        f"  {n} agents ({model}): {rate:.0f} progress updates/s, p50 {lat['p50_ms']:.1f} ms, "
-        f"p99 {lat['p99_ms']:.1f} ms; all requests {req_rate:.0f}/s, "
+        f"  {n} agents ({model}, {server}): {rate:.0f} progress updates/s, "
+        f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms; all requests {req_rate:.0f}/s, "
         f"p99 {every['p99_ms']:.1f} ms; lost {lost}, failed installs {failed}, "
         f"errors {len(stats.errors)}, 429s {refused}, "
         f"ratio {rate / raw['rate'] if raw['rate'] else 0.0:.2f}"
@@ -324,6 +330,7 @@ async def run(
     ceiling_seconds: float | None = None,
     profile: bool = False,
     model: str = "closed",
+    servers: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark; returns the results written to JSON."""
     if model not in MODELS:
@@ -345,13 +352,24 @@ async def run(
                 f"heartbeat every {hb} s"
             )
             for n in sizes:
-                prof = opts.results_dir / "raw" if profile else None
-                ramp = n / 500
-                results.append(
-                    await run_size(
-                        client, target, n, steps, hb, ceiling_s, Path(tmp), prof, ramp, model
+                for server in servers or ["lean"]:
+                    prof = opts.results_dir / "raw" if profile else None
+                    ramp = n / 500
+                    results.append(
+                        await run_size(
+                            client,
+                            target,
+                            n,
+                            steps,
+                            hb,
+                            ceiling_s,
+                            Path(tmp),
+                            prof,
+                            ramp,
+                            model,
+                            server,
+                        )
                     )
-                )
     rows = []
     for r in results:
         lat = r["progress_latency"]
@@ -360,6 +378,7 @@ async def run(
         rows.append(
             [
                 r["model"],
+                r["http_server"],
                 str(r["agents"]),
                 f"{r['progress_per_s']:.0f}",
                 f"{lat['p50_ms']:.1f}",
@@ -379,6 +398,7 @@ async def run(
     md = markdown_table(
         [
             "model",
+            "regional HTTP",
             "agents",
             "progress/s",
             "progress p50 ms",
@@ -400,7 +420,10 @@ async def run(
     print(md)
     for r in results:
         if r["regional_profile"]:
-            print(f"where the regional's time goes ({r['agents']} agents, py-spy samples):")
+            print(
+                f"where the regional's time goes ({r['agents']} agents, {r['model']}, "
+                f"{r['http_server']}; py-spy samples):"
+            )
             for name, pct in r["regional_profile"].items():
                 print(f"  {pct:5.1f}%  {name}")
     out: dict[str, Any] = {
@@ -433,14 +456,14 @@ def _plot(png: Any, results: list[dict[str, Any]]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
     for r in results:
         series = r["per_second"]
-        axes[0].plot(range(len(series)), series, label=f"{r['agents']} agents")
+        axes[0].plot(range(len(series)), series, label=f"{r['agents']} agents, {r['http_server']}")
         axes[0].axhline(r["raw_ceiling"]["rate"], ls=":", lw=1, color="grey")
     axes[0].set_xlabel("seconds since the first progress report")
     axes[0].set_ylabel("progress updates acknowledged / s")
     axes[0].set_title("throughput (dotted: raw etcd puts/s, 64 writers)")
     axes[0].legend()
     axes[0].grid(True, alpha=0.3)
-    sizes = [str(r["agents"]) for r in results]
+    sizes = [f"{r['agents']}\n{r['http_server']}" for r in results]
     p50 = [r["progress_latency"]["p50_ms"] for r in results]
     p99 = [r["progress_latency"]["p99_ms"] for r in results]
     x = range(len(sizes))
@@ -480,6 +503,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="sample the regional with py-spy and report where its time goes",
     )
+    p.add_argument(
+        "--http-server",
+        default="lean",
+        help="the regional's HTTP server(s), comma-separated, measured one after the other "
+        "per size: lean (default), hypercorn (everything through Quart on hypercorn)",
+    )
     p.set_defaults(
         bench=lambda o, a: run(
             o,
@@ -488,5 +517,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             heartbeat=a.heartbeat,
             profile=a.profile,
             model=a.model,
+            servers=a.http_server.split(","),
         )
     )
