@@ -72,6 +72,9 @@ def write_config(
             f"agent_lease_ttl = {lease_ttl}\nheartbeat_interval = {heartbeat_interval}\n"
             "rate_limit_per_second = 1000000.0\nrate_limit_burst = 1000000\n"
             f'http_server = "{http_server}"\n'
+            # The report journal beside the config: never the system's /var/lib/lpmosd (a
+            # journal left by an earlier run would be applied to this run's tasks).
+            f'state_dir = "{path.parent / "state"}"\n'
         )
     path.write_text(text)
     return path
