@@ -198,6 +198,7 @@ class AgentService:
         #: Agent token hash -> sn, from the view: tells "another server's token" (403) from
         #: an unknown one (401).
         self.agent_tokens: dict[str, str] = {}
+        self._token_records: dict[bytes, tuple[int, AgentToken]] = {}
         #: A used secret may enrol again once the agent holding it has been this long silent.
         self.takeover_after = config.heartbeat_interval * 1.5
 
@@ -330,12 +331,22 @@ class AgentService:
                 field="enrollment_secret",
             )
 
-    @staticmethod
-    def _token_problem(token_kv: KeyValue | None, token: str) -> bool:
+    def _token_record(self, token_kv: KeyValue) -> AgentToken:
+        """The stored agent token, parsed once per revision (every agent call reads it)."""
+        cached = self._token_records.get(token_kv.key)
+        if cached is not None and cached[0] == token_kv.mod_revision:
+            return cached[1]
+        record = AgentToken.from_json(token_kv.value)
+        if len(self._token_records) >= 100_000:
+            self._token_records.clear()  # it only saves parsing
+        self._token_records[token_kv.key] = (token_kv.mod_revision, record)
+        return record
+
+    def _token_problem(self, token_kv: KeyValue | None, token: str) -> bool:
         if token_kv is None:
             return True
         try:
-            return not AgentToken.from_json(token_kv.value).matches(token)
+            return not self._token_record(token_kv).matches(token)
         except ValidationError:
             return True
 
@@ -420,7 +431,7 @@ class AgentService:
                     )
                 raise _refuse("token", "unknown or revoked agent token; register again")
         assert token_kv is not None
-        record = AgentToken.from_json(token_kv.value)
+        record = self._token_record(token_kv)
         try:
             task_kv: KeyValue | None = await self._task_kv(view, sn)
             assert task_kv is not None
