@@ -149,7 +149,11 @@ async def run_session(
             state.etcd_unreachable = exc.unreachable
             state.restarts += 1
             state.record_error(str(exc))
-            log.warning("session lease lost; restarting", extra={"role": state.role})
+            log.warning(
+                "session lease lost; restarting: %s",
+                exc.reason,
+                extra={"role": state.role, "lease": exc.lease_id, "unreachable": exc.unreachable},
+            )
         except EtcdError as exc:
             state.etcd_unreachable = isinstance(exc, EtcdUnavailableError)
             state.record_error(str(exc))
