@@ -159,8 +159,8 @@ class AgentService:
     agents, and raises UnavailableError (503) otherwise (session down, standby). Feed the
     view's changes to :meth:`on_machine_key`; run :attr:`writer` and :meth:`apply_journal`
     while serving. ``autonomous`` tells whether the regional serves without etcd (reports
-    are journaled); ``leading`` whether it leads its IDC with a session (the journal may be
-    applied).
+    are journaled); ``journal_store`` gives the store to apply the journal through now, or
+    None while it must wait (no session).
     """
 
     def __init__(
@@ -171,7 +171,7 @@ class AgentService:
         *,
         machines: Callable[[], PrefixView],
         autonomous: Callable[[], bool] = lambda: False,
-        leading: Callable[[], bool] = lambda: True,
+        journal_store: Callable[[], Store | None] | None = None,
     ) -> None:
         self.config = config
         self.idc = config.idc
@@ -179,7 +179,7 @@ class AgentService:
         self.store = store
         self._machines = machines
         self._autonomous = autonomous
-        self._leading = leading
+        self._journal_store = journal_store or (lambda: store)
         #: Reports etcd could not take yet, applied in order when it answers.
         self.journal = ReportJournal(
             config.state_dir, config.idc, max_entries=config.journal_max_entries
@@ -611,10 +611,10 @@ class AgentService:
         self._journal_wake.set()
 
     async def apply_journal(self) -> None:
-        """Apply journaled reports whenever the regional leads: each a CAS on its task, in
-        order per agent, agents in parallel. Runs until cancelled."""
+        """Apply journaled reports whenever etcd answers (see ``journal_store``): each a CAS
+        on its task, in order per agent, agents in parallel. Runs until cancelled."""
         while True:
-            if not len(self.journal) or not self._leading():
+            if not len(self.journal) or self._journal_store() is None:
                 self._journal_wake = trio.Event()
                 with trio.move_on_after(1.0):
                     await self._journal_wake.wait()
@@ -631,10 +631,11 @@ class AgentService:
             for entry in entries:
                 backoff = 0.1
                 while True:
-                    if not self._leading():
+                    store = self._journal_store()
+                    if store is None:
                         return  # etcd went away again: the next round takes it up
                     try:
-                        await self._apply(entry)
+                        await self._apply(store, entry)
                     except EtcdError as exc:
                         log.warning("journal: etcd refused; retrying", extra={"error": str(exc)})
                         await trio.sleep(backoff)
@@ -650,11 +651,11 @@ class AgentService:
                     break
                 self.journal.applied(entry)
 
-    async def _apply(self, entry: Entry) -> None:
+    async def _apply(self, store: Store, entry: Entry) -> None:
         args, idc, sn = entry.args, self.idc, entry.sn
         op_id = args.get("op_id")  # the id the agent's request carried: applied once
         if entry.op == "progress":
-            stored = await self.store.record_progress(
+            stored = await store.record_progress(
                 idc,
                 sn,
                 step=args["step"],
@@ -663,13 +664,13 @@ class AgentService:
                 op_id=op_id,
             )
         elif entry.op == "logs":
-            stored = await self.store.append_logs(
+            stored = await store.append_logs(
                 idc, sn, args["lines"], level=args["level"], op_id=op_id
             )
         else:
             outcome = TaskStatus.COMPLETED if entry.op == "complete" else TaskStatus.FAILED
             lease_id = await self._live_lease_id(sn)
-            stored = await self.store.finish(
+            stored = await store.finish(
                 idc, sn, outcome=outcome, reason=str(args.get("reason", "")), op_id=op_id
             )
             await self.revoke_quietly(lease_id)

@@ -165,10 +165,13 @@ class ContentionError(EtcdError):
 class LeaseLost(EtcdError):
     """A lease we held is gone: expired, revoked, or keepalives failed past its deadline."""
 
-    def __init__(self, lease_id: int, reason: str) -> None:
+    def __init__(self, lease_id: int, reason: str, *, unreachable: bool = False) -> None:
         super().__init__(f"lease {lease_id:x} lost: {reason}")
         self.lease_id = lease_id
         self.reason = reason
+        #: True when etcd did not answer (keepalives failed); False when it answered that
+        #: the lease is gone, or when nothing says (we were paused past the deadline).
+        self.unreachable = unreachable
 
 
 class NotLeaderError(EtcdError):
