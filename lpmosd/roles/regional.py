@@ -147,6 +147,7 @@ class Regional:
         self.agents.load_journal()
         async with open_nursery() as nursery:
             await nursery.start(self.agents.writer.run)
+            await nursery.start(self.agents.leases.run)
             nursery.start_soon(self.agents.apply_journal)
             await nursery.start(
                 partial(
