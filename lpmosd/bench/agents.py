@@ -250,6 +250,10 @@ class SimAgent:
             self.stats.heartbeats += 1
             self.stats.last_heartbeat[self.sn] = sent
             return True
+        if status == 409:
+            # The lease is gone (e.g. it lapsed while the regional was down): the real agent
+            # registers again with its secret and token, and so does this one.
+            return await self.register()
         return False
 
     async def heartbeat_loop(self, stop: trio.Event) -> None:
