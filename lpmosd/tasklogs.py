@@ -33,7 +33,7 @@ from lpmosd.documents import MAX_LOG_BYTES, MAX_LOG_CHUNKS, MAX_LOG_LINES, LogCh
 from lpmosd.etcd import KeyValue, Op, delete, put
 from lpmosd.fields import SURROGATE_RE, dump_json, json_len
 
-__all__ = ["assemble", "chunk_lines", "chunks_of", "split"]
+__all__ = ["assemble", "chunk_lines", "chunks_of", "split", "stored_form"]
 
 log = logging.getLogger("lpmosd.tasklogs")
 
@@ -88,6 +88,13 @@ def split(idc: str, sn: str, old: Task, new: Task) -> tuple[Task, tuple[Op, ...]
     ops: list[Op] = [put(schema.log_chunk_key(idc, sn, seq), dump_json(list(lines)))]
     ops.extend(delete(schema.log_chunk_key(idc, sn, c.seq)) for c in gone)
     return doc, tuple(ops)
+
+
+def stored_form(idc: str, sn: str, task: Task) -> tuple[Task, tuple[Op, ...]]:
+    """A whole task (lines in ``logs``, none in chunks yet: a migrated one) as a first
+    write stores it: the document and the put of its lines as chunk 1. Deterministic, so
+    a verifier can compare the stored bytes."""
+    return split(idc, sn, replace(task, logs=()), task)
 
 
 def chunk_lines(value: bytes) -> tuple[str, ...] | None:
