@@ -17,6 +17,10 @@ newest kept, the oldest chunk partly hidden by ``log_skip``) and in bytes
 lines are not in the document to measure one by one), and at most
 :data:`~lpmosd.documents.MAX_LOG_CHUNKS` chunks are kept.
 
+A chunk's value is the JSON list of its lines, zlib-compressed when that is smaller
+(installer output compresses 3-4x; a finished task's lines are most of what stays in etcd).
+JSON starts with ``[``, zlib never does, so both read.
+
 A document written before this (lines inline in ``logs``, no chunks) still reads as it
 is; its next log write moves the inline lines into the first chunk.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 
@@ -33,9 +38,15 @@ from lpmosd.documents import MAX_LOG_BYTES, MAX_LOG_CHUNKS, MAX_LOG_LINES, LogCh
 from lpmosd.etcd import KeyValue, Op, delete, put
 from lpmosd.fields import SURROGATE_RE, dump_json, json_len
 
-__all__ = ["assemble", "chunk_lines", "chunks_of", "split", "stored_form"]
+__all__ = ["assemble", "chunk_lines", "chunk_value", "chunks_of", "split", "stored_form"]
 
 log = logging.getLogger("lpmosd.tasklogs")
+
+#: Chunks smaller than this are stored as plain JSON (a line or two gain nothing).
+_COMPRESS_FROM = 256
+#: A stored chunk never expands beyond this (one batch is capped at MAX_LOG_BYTES of
+#: lines): a larger value is not one of ours, and is not inflated further.
+_MAX_CHUNK_JSON = 4 * MAX_LOG_BYTES
 
 
 def _size(lines: Sequence[str]) -> int:
@@ -85,7 +96,7 @@ def split(idc: str, sn: str, old: Task, new: Task) -> tuple[Task, tuple[Op, ...]
         log_chunks=tuple(chunks),
         log_skip=skip,
     )
-    ops: list[Op] = [put(schema.log_chunk_key(idc, sn, seq), dump_json(list(lines)))]
+    ops: list[Op] = [put(schema.log_chunk_key(idc, sn, seq), chunk_value(lines))]
     ops.extend(delete(schema.log_chunk_key(idc, sn, c.seq)) for c in gone)
     return doc, tuple(ops)
 
@@ -97,8 +108,26 @@ def stored_form(idc: str, sn: str, task: Task) -> tuple[Task, tuple[Op, ...]]:
     return split(idc, sn, replace(task, logs=()), task)
 
 
+def chunk_value(lines: Sequence[str]) -> bytes:
+    """What a chunk key holds: the lines as a JSON list, compressed when that is smaller."""
+    raw = dump_json(list(lines))
+    if len(raw) >= _COMPRESS_FROM:
+        packed = zlib.compress(raw, 6)
+        if len(packed) < len(raw):
+            return packed
+    return raw
+
+
 def chunk_lines(value: bytes) -> tuple[str, ...] | None:
     """The lines stored in a chunk key's value; None when it is not a list of strings."""
+    if value[:1] != b"[":
+        inflate = zlib.decompressobj()
+        try:
+            value = inflate.decompress(value, _MAX_CHUNK_JSON)
+        except zlib.error:
+            return None
+        if not inflate.eof or inflate.unconsumed_tail:
+            return None  # truncated, or larger than any chunk we write
     try:
         raw = json.loads(value)
     except ValueError:

@@ -4,6 +4,7 @@ the store, the task writer and the dashboard's hub against a real etcd."""
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -105,6 +106,21 @@ def test_at_most_max_log_chunks_are_kept() -> None:
     assert shown.logs_dropped == 10 + len(new_task().logs)  # the creation line went first
 
 
+def test_chunk_values_compress_when_smaller_and_refuse_bombs() -> None:
+    small = ["one line"]
+    assert tasklogs.chunk_value(small) == json.dumps(small, separators=(",", ":")).encode()
+    many = [f"Unpacking libfoo{i} (1.{i}.0-1) over (1.{i}.0-0) ..." for i in range(40)]
+    packed = tasklogs.chunk_value(many)
+    assert not packed.startswith(b"[") and len(packed) < len(json.dumps(many)) / 2
+    assert tasklogs.chunk_lines(packed) == tuple(many)
+    assert tasklogs.chunk_lines(json.dumps(many).encode()) == tuple(many)
+    bomb = zlib.compress(b"[" + b'"x",' * 200_000 + b'"x"]')
+    assert tasklogs.chunk_lines(bomb) is None  # inflates beyond any chunk we write
+    assert tasklogs.chunk_lines(packed[:-3]) is None  # truncated
+    assert tasklogs.chunk_lines(zlib.compress(b'{"a": 1}')) is None
+    assert tasklogs.chunk_lines(b"\x00garbage") is None
+
+
 def test_a_write_without_lines_puts_no_chunk() -> None:
     doc = replace(new_task(), log_seq=3)
     progressed = replace(doc, os_version="x")
@@ -158,9 +174,10 @@ async def test_an_append_puts_one_chunk_with_only_its_lines(
     newest = stored.task.log_chunks[-1]
     chunk = await client.get(schema.log_chunk_key(IDC, SN, newest.seq))
     assert chunk is not None and chunk.mod_revision == doc.mod_revision  # one Txn
-    assert [line.rsplit("] ", 1)[-1] for line in json.loads(chunk.value)] == ["one", "two"]
+    lines = tasklogs.chunk_lines(chunk.value)
+    assert lines is not None and [line.rsplit("] ", 1)[-1] for line in lines] == ["one", "two"]
     after = (await store.get_task(IDC, SN)).task
-    assert after.logs == (*before.logs, *json.loads(chunk.value))
+    assert after.logs == (*before.logs, *lines)
     # The server entry is left alone by writes that keep the status.
     entry = await client.get(schema.server_key(IDC, SN))
     assert entry is not None and entry.mod_revision < doc.mod_revision

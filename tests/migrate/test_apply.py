@@ -13,7 +13,7 @@ from datetime import timedelta
 import pytest
 import trio
 
-from lpmosd import lifecycle, schema, timestamps
+from lpmosd import lifecycle, schema, tasklogs, timestamps
 from lpmosd.api_requests import CreateTaskRequest
 from lpmosd.documents import Task
 from lpmosd.etcd import EtcdClient
@@ -343,7 +343,7 @@ async def test_verify_sees_a_tampered_task_and_tolerates_daemon_updates(
     # them with the document, so a changed line is a difference too.
     chunk_key = schema.log_chunk_key("dc1", "sn-00004", 1)
     chunk = await client.get(chunk_key)
-    assert chunk is not None and json.loads(chunk.value)
+    assert chunk is not None and tasklogs.chunk_lines(chunk.value)
     await client.put(chunk_key, json.dumps(["forged"]))
     report = await verify(client, "dc1")
     assert ("sn-00004", "v3 task differs from the v2 documents (at logs)") in report.problems
