@@ -60,9 +60,9 @@ MAX_LOG_LINES: Final = 500
 #: Encoded (JSON, UTF-8) bytes all log lines may take; older lines are dropped first.
 MAX_LOG_BYTES: Final = 96 * 1024
 #: Log chunks (appended batches, see :mod:`lpmosd.tasklogs`) a task keeps: bounds the
-#: chunk list in the task document when agents send one line at a time, and the deletes
-#: one write may make (well within etcd's 128 ops per Txn).
-MAX_LOG_CHUNKS: Final = 64
+#: chunk list in the task document (~16 bytes each) when agents send one line at a time,
+#: and the deletes one write may make (with its other ops, within etcd's 128 per Txn).
+MAX_LOG_CHUNKS: Final = 100
 #: Characters of text in one log line (before the timestamp and level are added).
 MAX_LOG_LINE_CHARS: Final = 2000
 MAX_HISTORY: Final = 200

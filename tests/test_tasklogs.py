@@ -318,3 +318,22 @@ async def test_batched_progress_writes_put_their_lines_in_chunks(
         kv = await client.get(schema.task_key(IDC, sn))
         assert kv is not None and Task.from_json(kv.value).logs == ()
         assert len(await chunk_keys(client, sn)) == len(Task.from_json(kv.value).log_chunks)
+
+
+async def test_one_big_batch_evicting_every_chunk_fits_one_txn(
+    store: Store, client: EtcdClient
+) -> None:
+    """The worst case for a Txn's ops: MAX_LOG_CHUNKS one-line chunks, then a batch of
+    MAX_LOG_BYTES that drops them all — their deletes, the chunk and the document commit
+    together within etcd's 128 ops."""
+    await installing(store, client)
+    for i in range(MAX_LOG_CHUNKS):
+        await store.append_logs(IDC, SN, [f"single {i}"])
+    assert len(await chunk_keys(client)) == MAX_LOG_CHUNKS
+    # Each line costs its text + 31 bytes ("<ts> [INFO] ", quotes, comma): 49 lines of
+    # 2,000 and one of 302 fill the cap to the byte, leaving no room for any old line.
+    big = [f"{i:04d}" + "y" * 1965 for i in range(49)] + ["z" * 271]
+    await store.append_logs(IDC, SN, big)
+    task = (await store.get_task(IDC, SN)).task
+    assert texts(task) == big
+    assert len(await chunk_keys(client)) == 1  # 100 deletes, a put and the document

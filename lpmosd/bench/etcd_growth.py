@@ -52,7 +52,7 @@ PROGRESS = 24  # 6 steps, 4 reports each
 LOG_BATCHES = 12
 LOG_LINES = 20
 #: Typical installer output: apt's unpack lines, every one different (package, versions),
-#: 90 characters on average. Log chunks are stored compressed, so one line repeated would
+#: 99.5 characters on average. Log chunks are stored compressed, so one line repeated would
 #: flatter the figure; varied lines compress like real output (3-4x in 20-line chunks).
 _PACKAGES = [
     "linux-image-6.1.0-18-amd64",

@@ -17,9 +17,7 @@ import httpx
 import trio
 from provisioning_kit import GUIDE_TASK, register_agent
 
-from lpmosd import schema
 from lpmosd.api_requests import CreateTaskRequest
-from lpmosd.documents import Task
 from lpmosd.etcd import EtcdClient
 from lpmosd.store import Store
 
@@ -130,9 +128,7 @@ class Fleet:
         """Compare etcd's task documents with the acknowledgements."""
         acked = lost = duplicated = 0
         for agent in self.agents:
-            kv = await client.get(schema.task_key(IDC, agent.sn))
-            assert kv is not None
-            task = Task.from_json(kv.value)
+            task = (await Store(client).get_task(IDC, agent.sn)).task  # lines assembled
             assert task.logs_dropped == 0, "the test must stay under the log cap"
             texts = Counter(line.split("] ", 1)[1] for line in task.logs if "] " in line)
             acked += len(agent.acked)
