@@ -67,6 +67,7 @@ from lpmosd.errors import (
 )
 from lpmosd.etcd import EtcdClient, KeyValue
 from lpmosd.journal import Entry, Op, ReportJournal
+from lpmosd.leasekeeper import LeaseKeeper
 from lpmosd.lifecycle import ACTIVE_AGENT, LIVE
 from lpmosd.metrics import AGENT_AUTH_FAILURES, REPORTS_JOURNALED
 from lpmosd.plan import Plan
@@ -159,8 +160,8 @@ class AgentService:
     agents, and raises UnavailableError (503) otherwise (session down, standby). Feed the
     view's changes to :meth:`on_machine_key`; run :attr:`writer` and :meth:`apply_journal`
     while serving. ``autonomous`` tells whether the regional serves without etcd (reports
-    are journaled); ``leading`` whether it leads its IDC with a session (the journal may be
-    applied).
+    are journaled); ``journal_store`` gives the store to apply the journal through now, or
+    None while it must wait (no session).
     """
 
     def __init__(
@@ -171,7 +172,7 @@ class AgentService:
         *,
         machines: Callable[[], PrefixView],
         autonomous: Callable[[], bool] = lambda: False,
-        leading: Callable[[], bool] = lambda: True,
+        journal_store: Callable[[], Store | None] | None = None,
     ) -> None:
         self.config = config
         self.idc = config.idc
@@ -179,7 +180,7 @@ class AgentService:
         self.store = store
         self._machines = machines
         self._autonomous = autonomous
-        self._leading = leading
+        self._journal_store = journal_store or (lambda: store)
         #: Reports etcd could not take yet, applied in order when it answers.
         self.journal = ReportJournal(
             config.state_dir, config.idc, max_entries=config.journal_max_entries
@@ -189,9 +190,15 @@ class AgentService:
         self.writer = TaskWriter(store)
         #: sn -> trio clock time of the agent's last heartbeat (this process's knowledge).
         self.heartbeats: dict[str, float] = {}
+        #: Agent leases refreshed at most once per TTL/3 each (run :meth:`LeaseKeeper.run`).
+        self.leases = LeaseKeeper(
+            config.agent_lease_ttl,
+            lambda lease_id: client.keepalive_once(lease_id, timeout=config.journal_after),
+        )
         #: Agent token hash -> sn, from the view: tells "another server's token" (403) from
         #: an unknown one (401).
         self.agent_tokens: dict[str, str] = {}
+        self._token_records: dict[bytes, tuple[int, AgentToken]] = {}
         #: A used secret may enrol again once the agent holding it has been this long silent.
         self.takeover_after = config.heartbeat_interval * 1.5
 
@@ -241,6 +248,7 @@ class AgentService:
         """Revoke an agent lease; failures only cost a TTL of waiting."""
         if not lease_id:
             return
+        self.leases.forget(lease_id)
         try:
             await self.client.lease_revoke(lease_id)
         except EtcdError as exc:
@@ -309,6 +317,11 @@ class AgentService:
         if info is None:
             return
         silent = info.granted_ttl - info.ttl
+        heard = self.heartbeats.get(sn)
+        if heard is not None:
+            # Leases are refreshed at most once per TTL/3 (lpmosd.leasekeeper): what this
+            # process heard last is the fresher word.
+            silent = min(silent, round(trio.current_time() - heard))
         if silent < self.takeover_after:
             AGENT_AUTH_FAILURES.labels("secret_in_use").inc()
             raise ConflictError(
@@ -318,12 +331,22 @@ class AgentService:
                 field="enrollment_secret",
             )
 
-    @staticmethod
-    def _token_problem(token_kv: KeyValue | None, token: str) -> bool:
+    def _token_record(self, token_kv: KeyValue) -> AgentToken:
+        """The stored agent token, parsed once per revision (every agent call reads it)."""
+        cached = self._token_records.get(token_kv.key)
+        if cached is not None and cached[0] == token_kv.mod_revision:
+            return cached[1]
+        record = AgentToken.from_json(token_kv.value)
+        if len(self._token_records) >= 100_000:
+            self._token_records.clear()  # it only saves parsing
+        self._token_records[token_kv.key] = (token_kv.mod_revision, record)
+        return record
+
+    def _token_problem(self, token_kv: KeyValue | None, token: str) -> bool:
         if token_kv is None:
             return True
         try:
-            return not AgentToken.from_json(token_kv.value).matches(token)
+            return not self._token_record(token_kv).matches(token)
         except ValidationError:
             return True
 
@@ -365,6 +388,7 @@ class AgentService:
         record, agent_token = AgentToken.issue(task_id=enrolment.task_id, mac=mac, now=now)
         old_lease = await self._live_lease_id(sn)
         lease = await self.client.lease_grant(self.config.agent_lease_ttl)
+        self.leases.granted(lease.id, lease.ttl)
         try:
             stored = await self.store.register_agent(
                 self.idc,
@@ -407,7 +431,7 @@ class AgentService:
                     )
                 raise _refuse("token", "unknown or revoked agent token; register again")
         assert token_kv is not None
-        record = AgentToken.from_json(token_kv.value)
+        record = self._token_record(token_kv)
         try:
             task_kv: KeyValue | None = await self._task_kv(view, sn)
             assert task_kv is not None
@@ -443,16 +467,19 @@ class AgentService:
         try:
             lease_id = await self._live_lease_id(sn)
             if lease_id and task.status not in (TaskStatus.COMPLETED, TaskStatus.CANCELLED):
+                left = self.leases.ttl_left(lease_id)
+                if left is not None:
+                    # Refreshed less than TTL/3 ago (by a heartbeat or after a report).
+                    self.leases.skipped += 1
+                    return Heard(task.status, left)
                 try:
-                    ttl = await self.client.keepalive_once(
-                        lease_id, timeout=self.config.journal_after
-                    )
+                    ttl = await self.leases.refresh(lease_id)
                 except LeaseNotFoundError:
                     # A cached id may be the lease a re-registration just replaced: ask etcd.
                     fresh = await self.store.get_lease_id(self.idc, sn)
                     if fresh and fresh != lease_id:
                         try:
-                            ttl = await self.client.keepalive_once(fresh)
+                            ttl = await self.leases.refresh(fresh)
                         except LeaseNotFoundError:
                             ttl = 0
         except EtcdError:
@@ -583,6 +610,9 @@ class AgentService:
                     extra={"sn": sn, "op": op, "error": str(exc) or type(exc).__name__},
                 )
             else:
+                if op in ("progress", "logs"):
+                    # A report says the agent is alive: its lease is refreshed when due.
+                    self.leases.heard(self.lease_id(sn))
                 return Reported(self._observed(call.view, stored), committed=True)
         self.journal_report(sn, op, args)
         REPORTS_JOURNALED.inc()
@@ -611,10 +641,10 @@ class AgentService:
         self._journal_wake.set()
 
     async def apply_journal(self) -> None:
-        """Apply journaled reports whenever the regional leads: each a CAS on its task, in
-        order per agent, agents in parallel. Runs until cancelled."""
+        """Apply journaled reports whenever etcd answers (see ``journal_store``): each a CAS
+        on its task, in order per agent, agents in parallel. Runs until cancelled."""
         while True:
-            if not len(self.journal) or not self._leading():
+            if not len(self.journal) or self._journal_store() is None:
                 self._journal_wake = trio.Event()
                 with trio.move_on_after(1.0):
                     await self._journal_wake.wait()
@@ -631,10 +661,11 @@ class AgentService:
             for entry in entries:
                 backoff = 0.1
                 while True:
-                    if not self._leading():
+                    store = self._journal_store()
+                    if store is None:
                         return  # etcd went away again: the next round takes it up
                     try:
-                        await self._apply(entry)
+                        await self._apply(store, entry)
                     except EtcdError as exc:
                         log.warning("journal: etcd refused; retrying", extra={"error": str(exc)})
                         await trio.sleep(backoff)
@@ -650,11 +681,11 @@ class AgentService:
                     break
                 self.journal.applied(entry)
 
-    async def _apply(self, entry: Entry) -> None:
+    async def _apply(self, store: Store, entry: Entry) -> None:
         args, idc, sn = entry.args, self.idc, entry.sn
         op_id = args.get("op_id")  # the id the agent's request carried: applied once
         if entry.op == "progress":
-            stored = await self.store.record_progress(
+            stored = await store.record_progress(
                 idc,
                 sn,
                 step=args["step"],
@@ -663,13 +694,13 @@ class AgentService:
                 op_id=op_id,
             )
         elif entry.op == "logs":
-            stored = await self.store.append_logs(
+            stored = await store.append_logs(
                 idc, sn, args["lines"], level=args["level"], op_id=op_id
             )
         else:
             outcome = TaskStatus.COMPLETED if entry.op == "complete" else TaskStatus.FAILED
             lease_id = await self._live_lease_id(sn)
-            stored = await self.store.finish(
+            stored = await store.finish(
                 idc, sn, outcome=outcome, reason=str(args.get("reason", "")), op_id=op_id
             )
             await self.revoke_quietly(lease_id)

@@ -217,6 +217,14 @@ class RegionalConfig:
     #: Seconds a heartbeat waits for etcd to refresh the lease before it is answered from
     #: the view (etcd away: the lease is re-established afterwards).
     journal_after: float = 2.0
+    #: ``lean``: the agent API's hot routes (heartbeat, progress, logs) on a lean HTTP/1.1
+    #: server, everything else through the same Quart app (lpmosd.web.lean); ``hypercorn``:
+    #: all through hypercorn. With TLS the regional always serves with hypercorn.
+    http_server: str = "lean"
+    #: Agent writes (all but heartbeats) handled at once; more wait in arrival order.
+    max_active_writes: int = 64
+    #: Writes waiting beyond which a new one is refused 429 + Retry-After (overload).
+    max_queued_writes: int = 1000
     boot: BootConfig = field(default_factory=BootConfig)
 
     def plan_for(self, os_type: str) -> Plan | None:
@@ -564,6 +572,9 @@ def _parse_regional(value: object, path: str, base: Path) -> RegionalConfig:
             "state_dir",
             "journal_max_entries",
             "journal_after",
+            "http_server",
+            "max_active_writes",
+            "max_queued_writes",
             "boot",
         ),
     )
@@ -615,6 +626,15 @@ def _parse_regional(value: object, path: str, base: Path) -> RegionalConfig:
         ),
         journal_after=_number(
             sec.get("journal_after", 2.0), sec.key("journal_after"), 0, 60, lo_open=True
+        ),
+        http_server=_choice(
+            sec.get("http_server", "lean"), sec.key("http_server"), ("lean", "hypercorn")
+        ),
+        max_active_writes=_integer(
+            sec.get("max_active_writes", 64), sec.key("max_active_writes"), 1, 4096
+        ),
+        max_queued_writes=_integer(
+            sec.get("max_queued_writes", 1000), sec.key("max_queued_writes"), 0, 1_000_000
         ),
         boot=_parse_boot(sec.get("boot", {}), sec.key("boot"), base),
     )

@@ -26,8 +26,9 @@ from lpmosd.opsutil import etcd_credentials
 from lpmosd.roles.control_plane import ControlPlane
 from lpmosd.roles.regional import Regional
 from lpmosd.store import Store
-from lpmosd.web.agent_app import create_agent_app
+from lpmosd.web.agent_app import FAST_PATH, create_agent_app
 from lpmosd.web.control_app import create_control_app
+from lpmosd.web.lean import serve_lean
 from lpmosd.web.server import serve_app
 
 log = logging.getLogger("lpmosd.daemon")
@@ -87,7 +88,7 @@ async def run_daemon(
             if config.regional is not None:
                 rg = daemon.regional = Regional(config.regional, client, store)
                 # Served first: the regional advertises its URL in its session key.
-                url = await nursery.start(_serve, create_agent_app(rg), config.regional)
+                url = await nursery.start(_serve_regional, create_agent_app(rg), config.regional)
                 await nursery.start(partial(rg.run, url=url))
                 daemon.urls["regional"] = url
             log.info("lpmosd ready", extra={"roles": sorted(config.roles), **daemon.urls})
@@ -109,6 +110,23 @@ async def _serve(
         keyfile=cfg.tls_key_file,
         task_status=task_status,
     )
+
+
+async def _serve_regional(
+    app: QuartTrio, cfg: RegionalConfig, *, task_status: trio.TaskStatus[str]
+) -> None:
+    fast = app.extensions.get(FAST_PATH)
+    if cfg.http_server == "lean" and cfg.tls_cert_file is None and fast is not None:
+        await serve_lean(
+            app.asgi_app,
+            fast,
+            host=cfg.listen,
+            port=cfg.port,
+            max_body=cfg.max_body_bytes,
+            task_status=task_status,
+        )
+        return
+    await _serve(app, cfg, task_status=task_status)
 
 
 async def serve_until_signalled(config: Config) -> None:

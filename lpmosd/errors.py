@@ -9,6 +9,7 @@
     │   ├── NotFoundError        no such server/task (404)
     │   ├── ConflictError        illegal state transition or already exists (409)
     │   ├── PayloadTooLargeError body over the limit (413)
+    │   ├── GoneError            a continue token's revision was compacted: restart (410)
     │   ├── AuthenticationError  no or bad credentials (401)
     │   └── PermissionDeniedError  credentials lack the role (403)
     ├── UnavailableError         the role is restarting its session; retry (503)
@@ -17,6 +18,7 @@
         ├── EtcdAuthError        etcd refused our credentials or permissions
         ├── EtcdRequestError     etcd rejected the request (too many ops, too large, ...)
         │   ├── LeaseNotFoundError  the lease does not exist (expired or revoked)
+        │   ├── FutureRevisionError a read asked for a revision etcd has not reached
         │   └── EtcdNoSpaceError    etcd's NOSPACE alarm: writes refused until an operator acts
         ├── CompactedError       the requested revision was compacted: relist
         ├── ContentionError      atomic_update gave up after its retry bound
@@ -78,6 +80,12 @@ class PayloadTooLargeError(InputError):
     status = 413
 
 
+class GoneError(InputError):
+    """What the request refers to is no longer kept (a list's compacted revision)."""
+
+    status = 410
+
+
 class AuthenticationError(InputError):
     """No credentials, or credentials that are wrong, expired or revoked."""
 
@@ -112,6 +120,10 @@ class EtcdRequestError(EtcdError):
 
 class LeaseNotFoundError(EtcdRequestError):
     """The lease does not exist (any more): it expired or was revoked."""
+
+
+class FutureRevisionError(EtcdRequestError):
+    """A read asked for a revision etcd has not reached yet (a forged or foreign one)."""
 
 
 #: What an operator must do about a NOSPACE alarm (error messages, readyz, README).
@@ -153,10 +165,13 @@ class ContentionError(EtcdError):
 class LeaseLost(EtcdError):
     """A lease we held is gone: expired, revoked, or keepalives failed past its deadline."""
 
-    def __init__(self, lease_id: int, reason: str) -> None:
+    def __init__(self, lease_id: int, reason: str, *, unreachable: bool = False) -> None:
         super().__init__(f"lease {lease_id:x} lost: {reason}")
         self.lease_id = lease_id
         self.reason = reason
+        #: True when etcd did not answer (keepalives failed); False when it answered that
+        #: the lease is gone, or when nothing says (we were paused past the deadline).
+        self.unreachable = unreachable
 
 
 class NotLeaderError(EtcdError):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Protocol
 
-from lpmosd import api_requests, documents, lifecycle, schema, tasklogs, timestamps
+from lpmosd import api_requests, documents, lifecycle, schema, task_pages, tasklogs, timestamps
 from lpmosd.api_requests import CreateTaskRequest
 from lpmosd.boot.ostypes import OsTypes
 from lpmosd.credentials import AgentToken, Enrolment, FirstBootCredential
@@ -257,6 +257,19 @@ class Store:
                 mine = chunks.get((parsed.idc, parsed.sn), [])
                 tasks.append(tasklogs.assemble(task, tasklogs.chunks_of(mine)))
         return tasks
+
+    async def list_task_page(
+        self,
+        *,
+        idc: str | None,
+        status: TaskStatus | None,
+        limit: int,
+        continue_token: str | None,
+    ) -> task_pages.TaskPage:
+        """One page of :meth:`list_tasks`, consistent across pages (:mod:`lpmosd.task_pages`)."""
+        return await task_pages.read_task_page(
+            self.client, idc=idc, status=status, limit=limit, continue_token=continue_token
+        )
 
     async def list_servers(self, idc: str) -> list[ServerEntry]:
         """The IDC's server directory (invalid entries are logged and left out)."""

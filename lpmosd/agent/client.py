@@ -60,6 +60,8 @@ log = logging.getLogger("lpmosd.agent")
 
 API_PREFIX: Final = "/api/v1/agent"
 _RETRY_STATUSES: Final = frozenset({429, 500, 502, 503, 504})
+#: A longer Retry-After is taken as this many seconds.
+MAX_RETRY_AFTER: Final = 60.0
 #: Log a still-failing call at WARNING every this many attempts (DEBUG in between).
 _WARN_EVERY: Final = 10
 
@@ -407,7 +409,9 @@ class AgentClient:
                 )
             delay = policy.delay(attempt)
             if wait is not None:
-                delay = min(max(delay, wait), policy.maximum)
+                # The regional's Retry-After (an overloaded one answers 429 with it), plus up
+                # to 50 % jitter: refused agents must not all come back in the same instant.
+                delay = min(wait, MAX_RETRY_AFTER) * random.uniform(1.0, 1.5)
             if not persistent:
                 delay = min(delay, policy.total - elapsed)
             if self._bases[self._current] not in tried and wait is None:

@@ -2,16 +2,19 @@
 
 Thousands of agents share one load-generating process, so the HTTP client here is a
 minimal HTTP/1.1 keep-alive client on Trio sockets (two connections per agent, as a real
-agent's connection pool has when a heartbeat overlaps a report), not httpx: the load
-generator must cost far less CPU than what it measures.
+agent's connection pool has when a heartbeat overlaps a report; one with ``one_connection``,
+for fleets of 10,000 whose 20,000 sockets would pass the file-descriptor limit), not httpx:
+the load generator must cost far less CPU than what it measures.
 Each agent makes the calls :mod:`lpmosd.agent` makes: ``register`` (with the enrolment
-secret and bearer token when the API hands them out), ``progress`` per step,
-``heartbeat`` every interval, ``complete``.
+secret and bearer token when the API hands them out), ``progress`` per step, ``logs``,
+``heartbeat`` every interval, ``complete``. A 429 or 503 is retried after its
+``Retry-After`` (plus up to 50 % jitter, as the real agent does), else after a short backoff.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -46,6 +49,8 @@ class HttpConn:
         self.port = port
         self._stream: trio.SocketStream | None = None
         self._buf = bytearray()
+        #: The headers of the last response (lower-case names).
+        self.last_headers: dict[str, str] = {}
 
     async def aclose(self) -> None:
         """Close the connection."""
@@ -112,6 +117,7 @@ class HttpConn:
                 raise HttpError(f"{method} {path}: {exc}") from exc
             if resp_headers.get("connection", "").lower() == "close":
                 await self.aclose()
+            self.last_headers = resp_headers
             return status, resp_body
         raise AssertionError("unreachable")
 
@@ -126,6 +132,12 @@ class FleetStats:
     statuses: Counter[str] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
     heartbeats: int = 0
+    #: (send time, latency) of every answered request of any kind (the agent-seen latency).
+    requests: list[tuple[float, float]] = field(default_factory=list)
+    #: Log reports acknowledged.
+    logs: int = 0
+    #: Installs that did not complete (a call failed for good).
+    failed: int = 0
     #: sn -> wall-clock send time of the last heartbeat the regional acknowledged.
     last_heartbeat: dict[str, float] = field(default_factory=dict)
     completed: int = 0
@@ -135,6 +147,7 @@ class FleetStats:
         self.statuses[f"{kind} {status}"] += 1
         if 200 <= status < 300:
             self.latencies.setdefault(kind, []).append(latency)
+            self.requests.append((time.perf_counter() - latency, latency))
 
 
 @dataclass(eq=False)
@@ -149,6 +162,8 @@ class SimAgent:
     enrollment_secret: str | None = None
     token: str | None = None
     heartbeat_interval: float = 10.0
+    #: Heartbeats share the reports' connection (one socket per agent).
+    one_connection: bool = False
     conn: HttpConn = field(init=False)
     #: Heartbeats go on a connection of their own, as from a real agent's connection pool:
     #: a heartbeat must not wait behind a slow progress report (its lease would lapse).
@@ -158,10 +173,12 @@ class SimAgent:
 
     def __post_init__(self) -> None:
         self.conn = HttpConn(self.host, self.port)
-        self.hb_conn = HttpConn(self.host, self.port)
+        self.hb_conn = self.conn if self.one_connection else HttpConn(self.host, self.port)
+        if self.one_connection:
+            self._hb_lock = self._lock
 
     async def aclose(self) -> None:
-        """Close both connections."""
+        """Close the connections."""
         await self.conn.aclose()
         await self.hb_conn.aclose()
 
@@ -188,7 +205,7 @@ class SimAgent:
             latency = time.perf_counter() - t0
             self.stats.note(kind, status, latency)
             if status in (429, 503) and attempt < retries - 1:
-                await trio.sleep(min(1.0, 0.05 * 2**attempt))
+                await trio.sleep(retry_delay(conn.last_headers.get("retry-after"), attempt))
                 continue
             try:
                 parsed = json.loads(raw) if raw else {}
@@ -242,6 +259,15 @@ class SimAgent:
         self.stats.progress.append((t0, time.perf_counter() - t0))
         return True
 
+    async def logs(self, lines: list[str]) -> bool:
+        """``POST /{sn}/logs``."""
+        status, reply = await self.call("logs", f"{API}/{self.sn}/logs", {"lines": lines})
+        if status not in (200, 202):
+            self.stats.errors.append(f"logs {self.sn}: {status} {reply}")
+            return False
+        self.stats.logs += 1
+        return True
+
     async def complete(self) -> bool:
         """``POST /{sn}/complete``."""
         status, reply = await self.call("complete", f"{API}/{self.sn}/complete", None)
@@ -251,8 +277,14 @@ class SimAgent:
         self.stats.completed += 1
         return True
 
-    async def install(self, steps: int) -> None:
-        """The whole install: register, ``steps`` progress reports, complete; heartbeats."""
+    async def install(self, steps: int, *, pace: float = 0.0, log_every: int = 0) -> None:
+        """The whole install: register, ``steps`` progress reports, complete; heartbeats.
+
+        ``pace`` 0 is the closed loop (each report as soon as the previous one is answered);
+        otherwise reports are ``pace`` seconds apart on average (uniformly 0-2x, so agents
+        do not march in step). ``log_every`` k > 0 adds a log report after every k-th step.
+        """
+        ok = False
         try:
             if not await self.register():
                 return
@@ -260,14 +292,40 @@ class SimAgent:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.heartbeat_loop, stop)
                 try:
-                    for k in range(1, steps + 1):
-                        if not await self.progress(f"step{k:02d}", 100, f"step {k} of {steps}"):
-                            return
-                    await self.complete()
+                    ok = await self._reports(steps, pace, log_every)
                 finally:
                     stop.set()
         finally:
+            if not ok:
+                self.stats.failed += 1
             await self.aclose()
+
+    async def _reports(self, steps: int, pace: float, log_every: int) -> bool:
+        for k in range(1, steps + 1):
+            if pace:
+                await trio.sleep(random.uniform(0, 2 * pace))
+            if not await self.progress(f"step{k:02d}", 100, f"step {k} of {steps}"):
+                return False
+            if log_every and k % log_every == 0:
+                if pace:
+                    await trio.sleep(random.uniform(0, 2 * pace))
+                if not await self.logs([f"step {k}: line {i}" for i in range(8)]):
+                    return False
+        return await self.complete()
+
+
+def retry_delay(retry_after: str | None, attempt: int) -> float:
+    """How long a simulated agent waits before retrying a 429/503: the server's
+    ``Retry-After`` plus up to 50 % jitter (so refused agents do not all come back in the
+    same instant), else a short exponential backoff."""
+    try:
+        wait = float(retry_after) if retry_after is not None else None
+    except ValueError:
+        wait = None
+    if wait is not None and wait >= 0:
+        return wait * random.uniform(1.0, 1.5)
+    backoff: float = min(1.0, 0.05 * 2**attempt)
+    return backoff * random.uniform(0.8, 1.2)
 
 
 def step_names(steps: int) -> list[str]:

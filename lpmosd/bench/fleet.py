@@ -21,6 +21,13 @@ sampled with py-spy and the share of its time per component is reported
 (:mod:`lpmosd.bench.profile`; raw stacks in ``bench-results/raw/``). With the environment
 variable ``LPMOSD_BENCH_KEEP=<dir>`` the daemons' configs and logs are kept in ``<dir>``.
 
+Two load models (``--model``): ``closed`` (above: each agent sends as soon as answered;
+measures the regional's ceiling) and ``realistic`` (open loop at an installing machine's
+pace: a progress or log report every 5 s on average, uniformly 0-10 s apart, 20 progress
+and 10 log reports per install, a heartbeat every 10 s, one connection per agent; measures
+whether every agent is answered in time: the agent-seen p99 of every request, failed
+installs). A 429 is retried after its Retry-After plus jitter, a failed install counted.
+
 Fleet sizes run one after the other, each against a fresh regional and control plane, with
 a ceiling measurement before each (so ceiling and fleet interleave: C F C F ...).
 """
@@ -34,6 +41,7 @@ import resource
 import tempfile
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +131,9 @@ async def check_tasks(client: EtcdClient, idc: str, n: int, steps: int) -> dict[
     }
 
 
-def _procs_for(target: EtcdTarget, workdir: Path, hb: int, ttl: int) -> list[LpmosdProcess]:
+def _procs_for(
+    target: EtcdTarget, workdir: Path, hb: int, ttl: int, server: str
+) -> list[LpmosdProcess]:
     out = []
     for role, name in (("control-plane", "control-plane"), ("regional", "regional-dc1")):
         d = workdir / name
@@ -137,6 +147,7 @@ def _procs_for(target: EtcdTarget, workdir: Path, hb: int, ttl: int) -> list[Lpm
             idc=IDC,
             lease_ttl=ttl,
             heartbeat_interval=hb,
+            http_server=server,
         )
         out.append(LpmosdProcess(name, cfg, port, d / "lpmosd.log"))
     return out
@@ -152,13 +163,15 @@ async def run_size(
     workdir: Path,
     profile_dir: Path | None = None,
     ramp: float = 0.0,
+    model: str = "closed",
+    server: str = "lean",
 ) -> dict[str, Any]:
     """One fleet size: ceiling, fresh processes, N agents, checks (and a profile)."""
     await client.delete(schema.idc_prefix(IDC), prefix=True)
     raw = await ceiling(client, target.endpoints[0], ceiling_s)
     print(f"  raw etcd ceiling: {raw['rate']:.0f} puts/s ({raw['client']})")
     secrets = await create_tasks(client, IDC, n)
-    procs = _procs_for(target, workdir / f"n{n}", hb, max(30, 3 * hb))
+    procs = _procs_for(target, workdir / f"n{n}-{server}", hb, max(30, 3 * hb), server)
     async with running(procs):
         regional = procs[1]
         stats = FleetStats()
@@ -171,6 +184,7 @@ async def run_size(
                 stats,
                 enrollment_secret=secrets.get(f"sn-{i:05d}"),
                 heartbeat_interval=hb,
+                one_connection=model == "realistic",
             )
             for i in range(n)
         ]
@@ -179,7 +193,8 @@ async def run_size(
             cpu0["etcd"] = cpu_seconds(target.pid)
         sampler = None
         if profile_dir is not None:
-            sampler = Sampler(regional.pid, profile_dir / f"fleet-regional-{n}.collapsed.txt")
+            raw_name = f"fleet-regional-{model}-{server}-{n}.collapsed.txt"
+            sampler = Sampler(regional.pid, profile_dir / raw_name)
             if not sampler.start():
                 sampler = None
         self0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -188,8 +203,9 @@ async def run_size(
         async with trio.open_nursery() as nursery:
             # Machines do not all boot in the same millisecond: start the agents over
             # ``ramp`` seconds (n / 500 by default), then let them run flat out.
+            pace, log_every = (REALISTIC_PACE, 2) if model == "realistic" else (0.0, 0)
             for i, a in enumerate(agents):
-                nursery.start_soon(a.install, steps)
+                nursery.start_soon(partial(a.install, steps, pace=pace, log_every=log_every))
                 if ramp and i % 50 == 49:
                     await trio.sleep_until(t0_trio + ramp * (i + 1) / n)
         wall = time.perf_counter() - t0
@@ -216,7 +232,15 @@ async def run_size(
     series = _per_second(ends, sends[0] if sends else 0.0)
     lost = check["missing_steps"]
     requests = sum(stats.statuses.values())
-    result = {
+    req_sends = sorted(t for t, _ in stats.requests)
+    req_span = (max(t + lat for t, lat in stats.requests) - req_sends[0]) if req_sends else 0.0
+    failed = max(stats.failed, check["missing_tasks"] + check["not_completed"])
+    every = latency_summary([lat for _, lat in stats.requests])
+    refused = sum(v for k, v in stats.statuses.items() if k.endswith(" 429"))
+    req_rate = len(stats.requests) / req_span if req_span else 0.0
+    result: dict[str, Any] = {
+        "model": model,
+        "http_server": server,
         "agents": n,
         "steps": steps,
         "heartbeat_interval": hb,
@@ -224,11 +248,17 @@ async def run_size(
         "wall_s": wall,
         "progress_acked": acked,
         "progress_expected": n * steps,
+        "note": "realistic: one connection per agent" if model == "realistic" else "",
         "progress_per_s": rate,
         "progress_latency": lat,
         "requests": dict(stats.statuses),
         "request_latency": {k: latency_summary(v) for k, v in stats.latencies.items()},
         "heartbeats": stats.heartbeats,
+        "log_reports": stats.logs,
+        "requests_per_s": req_rate,
+        "all_request_latency": every,
+        "failed_installs": failed,
+        "refused_429": refused,
         "completed": stats.completed,
         "errors": len(stats.errors),
         "error_samples": stats.errors[:10],
@@ -246,9 +276,11 @@ async def run_size(
         "regional_profile": where,
     }
     print(
-        f"  {n} agents: {rate:.0f} progress updates/s, p50 {lat['p50_ms']:.1f} ms, "
-        f"p99 {lat['p99_ms']:.1f} ms, lost {lost}, errors {len(stats.errors)}, "
-        f"ratio {result['ratio']:.2f}"
+        f"  {n} agents ({model}, {server}): {rate:.0f} progress updates/s, "
+        f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms; all requests {req_rate:.0f}/s, "
+        f"p99 {every['p99_ms']:.1f} ms; lost {lost}, failed installs {failed}, "
+        f"errors {len(stats.errors)}, 429s {refused}, "
+        f"ratio {rate / raw['rate'] if raw['rate'] else 0.0:.2f}"
     )
     return result
 
@@ -297,8 +329,12 @@ async def run(
     heartbeat: int | None = None,
     ceiling_seconds: float | None = None,
     profile: bool = False,
+    model: str = "closed",
+    servers: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark; returns the results written to JSON."""
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}")
     sizes = sizes or ([100] if opts.quick else [100, 1000, 5000])
     hb = heartbeat or (2 if opts.quick else 10)
     ceiling_s = ceiling_seconds or (2.0 if opts.quick else 4.0)
@@ -311,13 +347,29 @@ async def run(
     ) as tmp:
         async with etcd_target(opts) as target, bench_client(target) as client:
             print(header("fleet: simulated agents through the regional API", opts, target))
-            print(f"sizes {sizes}; {steps} progress steps per agent; heartbeat every {hb} s")
+            print(
+                f"model {model}; sizes {sizes}; {steps} progress steps per agent; "
+                f"heartbeat every {hb} s"
+            )
             for n in sizes:
-                prof = opts.results_dir / "raw" if profile else None
-                ramp = n / 500
-                results.append(
-                    await run_size(client, target, n, steps, hb, ceiling_s, Path(tmp), prof, ramp)
-                )
+                for server in servers or ["lean"]:
+                    prof = opts.results_dir / "raw" if profile else None
+                    ramp = n / 500
+                    results.append(
+                        await run_size(
+                            client,
+                            target,
+                            n,
+                            steps,
+                            hb,
+                            ceiling_s,
+                            Path(tmp),
+                            prof,
+                            ramp,
+                            model,
+                            server,
+                        )
+                    )
     rows = []
     for r in results:
         lat = r["progress_latency"]
@@ -325,11 +377,17 @@ async def run(
         rss = r["peak_rss_mib"]
         rows.append(
             [
+                r["model"],
+                r["http_server"],
                 str(r["agents"]),
                 f"{r['progress_per_s']:.0f}",
                 f"{lat['p50_ms']:.1f}",
                 f"{lat['p99_ms']:.1f}",
+                f"{r['requests_per_s']:.0f}",
+                f"{r['all_request_latency']['p99_ms']:.1f}",
                 f"{r['lost_updates']} of {r['progress_expected']}",
+                str(r["failed_installs"]),
+                str(r["refused_429"]),
                 f"{r['raw_ceiling']['rate']:.0f}",
                 f"{r['ratio']:.2f}",
                 f"{r['regional_cpu_ms_per_request']:.2f}",
@@ -339,11 +397,17 @@ async def run(
         )
     md = markdown_table(
         [
+            "model",
+            "regional HTTP",
             "agents",
             "progress/s",
-            "p50 ms",
-            "p99 ms",
+            "progress p50 ms",
+            "progress p99 ms",
+            "requests/s",
+            "all requests p99 ms",
             "lost updates",
+            "failed installs",
+            "429s",
             "raw etcd puts/s",
             "fleet ÷ raw",
             "regional CPU ms/request",
@@ -356,7 +420,10 @@ async def run(
     print(md)
     for r in results:
         if r["regional_profile"]:
-            print(f"where the regional's time goes ({r['agents']} agents, py-spy samples):")
+            print(
+                f"where the regional's time goes ({r['agents']} agents, {r['model']}, "
+                f"{r['http_server']}; py-spy samples):"
+            )
             for name, pct in r["regional_profile"].items():
                 print(f"  {pct:5.1f}%  {name}")
     out: dict[str, Any] = {
@@ -376,6 +443,10 @@ async def run(
     return out
 
 
+MODELS = ("closed", "realistic")
+#: Realistic model: seconds between an agent's reports on average.
+REALISTIC_PACE = 5.0
+
 _PROCS = ("regional-dc1", "control-plane", "etcd", "load generator")
 
 
@@ -385,14 +456,14 @@ def _plot(png: Any, results: list[dict[str, Any]]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
     for r in results:
         series = r["per_second"]
-        axes[0].plot(range(len(series)), series, label=f"{r['agents']} agents")
+        axes[0].plot(range(len(series)), series, label=f"{r['agents']} agents, {r['http_server']}")
         axes[0].axhline(r["raw_ceiling"]["rate"], ls=":", lw=1, color="grey")
     axes[0].set_xlabel("seconds since the first progress report")
     axes[0].set_ylabel("progress updates acknowledged / s")
     axes[0].set_title("throughput (dotted: raw etcd puts/s, 64 writers)")
     axes[0].legend()
     axes[0].grid(True, alpha=0.3)
-    sizes = [str(r["agents"]) for r in results]
+    sizes = [f"{r['agents']}\n{r['http_server']}" for r in results]
     p50 = [r["progress_latency"]["p50_ms"] for r in results]
     p99 = [r["progress_latency"]["p99_ms"] for r in results]
     x = range(len(sizes))
@@ -419,11 +490,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--agents", help="comma-separated fleet sizes (default 100,1000,5000; quick 100)"
     )
     p.add_argument("--steps", type=int, default=20, help="progress steps per agent")
+    p.add_argument(
+        "--model",
+        choices=MODELS,
+        default="closed",
+        help="closed: each agent sends as soon as answered (default); realistic: open loop, "
+        "a report every 5 s on average and a heartbeat every 10 s per agent",
+    )
     p.add_argument("--heartbeat", type=int, help="heartbeat interval s (default 10; quick 2)")
     p.add_argument(
         "--profile",
         action="store_true",
         help="sample the regional with py-spy and report where its time goes",
+    )
+    p.add_argument(
+        "--http-server",
+        default="lean",
+        help="the regional's HTTP server(s), comma-separated, measured one after the other "
+        "per size: lean (default), hypercorn (everything through Quart on hypercorn)",
     )
     p.set_defaults(
         bench=lambda o, a: run(
@@ -432,5 +516,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             steps=a.steps,
             heartbeat=a.heartbeat,
             profile=a.profile,
+            model=a.model,
+            servers=a.http_server.split(","),
         )
     )

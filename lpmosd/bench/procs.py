@@ -59,6 +59,7 @@ def write_config(
     idc: str = "dc1",
     lease_ttl: int = 30,
     heartbeat_interval: int = 10,
+    http_server: str = "lean",
 ) -> Path:
     """A TOML config for one role on loopback."""
     eps = ", ".join(f'"{e}"' for e in endpoints)
@@ -70,6 +71,10 @@ def write_config(
             f'[regional]\nidc = "{idc}"\nlisten = "127.0.0.1"\nport = {port}\n'
             f"agent_lease_ttl = {lease_ttl}\nheartbeat_interval = {heartbeat_interval}\n"
             "rate_limit_per_second = 1000000.0\nrate_limit_burst = 1000000\n"
+            f'http_server = "{http_server}"\n'
+            # The report journal beside the config: never the system's /var/lib/lpmosd (a
+            # journal left by an earlier run would be applied to this run's tasks).
+            f'state_dir = "{path.parent / "state"}"\n'
         )
     path.write_text(text)
     return path

@@ -35,6 +35,7 @@ COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "agent API handlers (auth, models, JSON)",
         (
             "lpmosd/web/agent_app.py",
+            "lpmosd/agent_service.py",
             "lpmosd/fields.py",
             "lpmosd/documents.py",
             "lpmosd/lifecycle.py",
@@ -45,6 +46,8 @@ COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "json/",
         ),
     ),
+    ("lean HTTP server + fast agent routes", ("lpmosd/web/lean.py", "lpmosd/web/agent_fast.py")),
+    ("lease keepalives (throttled)", ("lpmosd/leasekeeper.py",)),
     ("Quart request/response", ("quart/", "quart_trio/", "werkzeug/")),
     ("hypercorn + h11 (HTTP/1.1)", ("hypercorn/", "h11/")),
     ("watch cache (view)", ("lpmosd/view.py", "lpmosd/roles/regional.py")),

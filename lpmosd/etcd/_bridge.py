@@ -40,6 +40,7 @@ from lpmosd.errors import (
     EtcdNoSpaceError,
     EtcdRequestError,
     EtcdUnavailableError,
+    FutureRevisionError,
     LeaseNotFoundError,
 )
 
@@ -137,6 +138,8 @@ def map_error(exc: BaseException, *, sent: bool = False) -> EtcdError:
             return EtcdAuthError(msg)
         if status is _Status.OUT_OF_RANGE and _is_compacted(msg):
             return CompactedError(msg, 0)
+        if status is _Status.OUT_OF_RANGE and "future revision" in msg:
+            return FutureRevisionError(msg)
         if status is _Status.NOT_FOUND and "lease" in msg:
             return LeaseNotFoundError(msg)
         if status is _Status.RESOURCE_EXHAUSTED and "space exceeded" in msg:

@@ -119,7 +119,11 @@ def _op_pb(op: Op) -> pb.RequestOp:
         )
     return pb.RequestOp(
         request_range=pb.RangeRequest(
-            key=op.key, range_end=op.range_end, keys_only=op.keys_only, limit=op.limit
+            key=op.key,
+            range_end=op.range_end,
+            keys_only=op.keys_only,
+            limit=op.limit,
+            revision=op.revision,
         )
     )
 

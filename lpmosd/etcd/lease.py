@@ -27,6 +27,8 @@ class HeldLease:
     valid_until: float
     margin: float
     lost_reason: str | None = field(default=None)
+    #: Whether it was lost because etcd did not answer (see :attr:`LeaseLost.unreachable`).
+    lost_unreachable: bool = field(default=False)
 
     def remaining(self) -> float:
         """Seconds we may still trust the lease."""
@@ -48,10 +50,12 @@ async def _keep_alive(client: EtcdClient, lease: HeldLease, cancel_body: trio.Ca
             # Keep trying until the deadline; a later keepalive may still save it.
             if trio.current_time() >= lease.valid_until:
                 lease.lost_reason = "keepalive failing past the lease deadline"
+                lease.lost_unreachable = True
                 break
             await trio.sleep(min(retry, max(0.0, lease.valid_until - trio.current_time())))
             if trio.current_time() >= lease.valid_until:
                 lease.lost_reason = "keepalive failing past the lease deadline"
+                lease.lost_unreachable = True
                 break
             continue
         lease.valid_until = sent_at + ttl - lease.margin
@@ -94,4 +98,4 @@ async def open_lease(
             ):
                 await client.lease_revoke(lease.id)
     if lease.lost_reason is not None:
-        raise LeaseLost(lease.id, lease.lost_reason)
+        raise LeaseLost(lease.id, lease.lost_reason, unreachable=lease.lost_unreachable)

@@ -107,6 +107,8 @@ class Get:
     range_end: bytes = b""
     keys_only: bool = False
     limit: int = 0
+    #: Read as of this revision (0: the latest); etcd checks it like a plain Range's.
+    revision: int = 0
 
 
 Op = Put | Delete | Get
@@ -122,6 +124,13 @@ def delete(key: str | bytes, *, prefix: bool = False, prev_kv: bool = False) -> 
     return Delete(*key_range(key, prefix=prefix), prev_kv)
 
 
-def get(key: str | bytes, *, prefix: bool = False, keys_only: bool = False, limit: int = 0) -> Get:
+def get(
+    key: str | bytes,
+    *,
+    prefix: bool = False,
+    keys_only: bool = False,
+    limit: int = 0,
+    revision: int = 0,
+) -> Get:
     """A range (read) operation; ``prefix`` reads every key starting with ``key``."""
-    return Get(*key_range(key, prefix=prefix), keys_only, limit)
+    return Get(*key_range(key, prefix=prefix), keys_only, limit, revision)

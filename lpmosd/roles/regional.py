@@ -64,14 +64,24 @@ class Regional:
 
     def __post_init__(self) -> None:
         self.fence = Fence(f"regional {self.config.idc}")
-        self.store = self.store.fenced(self.fence)
+        unfenced, self.store = self.store, self.store.fenced(self.fence)
+
+        def journal_store() -> Store | None:
+            # Reports journaled while this regional served alone are agents' words it
+            # acknowledged: they are applied once etcd answers, fenced while it leads, and
+            # unfenced should another regional lead by then (a WAN cut outlasting the
+            # session): each is still a CAS on its task, applied once by its operation id.
+            if self.session.active:
+                return self.store
+            return unfenced if self.session.running else None
+
         self.agents = AgentService(
             self.config,
             self.client,
             self.store,
             machines=self._serving,
             autonomous=lambda: self.autonomous,
-            leading=lambda: self.session.active,
+            journal_store=journal_store,
         )
         self.boot = BootService(self.config, self.store, lambda: self.machines)
 
@@ -95,9 +105,20 @@ class Regional:
 
     @property
     def autonomous(self) -> bool:
-        """True while the regional, active when it lost its session (etcd unreachable),
-        serves its agents from its last view: reports go to the journal."""
-        return not self.session.running and self._led and self.machines is not None
+        """True while the regional, active when it lost its session because etcd did not
+        answer, serves its agents from its last view: reports go to the journal.
+
+        A session that merely ran out while etcd answers (this process was paused past its
+        TTL, or its lease was revoked) is no reason to serve alone: a standby may lead by
+        now, so until a new session says who leads, agents get 503 and retry (or move to
+        the other PXE host) instead of a journaled answer that only this host could apply.
+        """
+        return (
+            not self.session.running
+            and self.session.etcd_unreachable
+            and self._led
+            and self.machines is not None
+        )
 
     @property
     def journal(self) -> ReportJournal:
@@ -126,6 +147,7 @@ class Regional:
         self.agents.load_journal()
         async with open_nursery() as nursery:
             await nursery.start(self.agents.writer.run)
+            await nursery.start(self.agents.leases.run)
             nursery.start_soon(self.agents.apply_journal)
             await nursery.start(
                 partial(

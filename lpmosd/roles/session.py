@@ -26,7 +26,7 @@ import trio
 
 from lpmosd import hooks
 from lpmosd._trio_util import open_nursery
-from lpmosd.errors import EtcdError, LeaseLost
+from lpmosd.errors import EtcdError, EtcdUnavailableError, LeaseLost
 from lpmosd.etcd import EtcdClient, Fence, HeldLease, nominate, open_lease, wait_for_leadership
 from lpmosd.timestamps import format_ts, utcnow
 
@@ -46,6 +46,10 @@ class SessionState:
     key: str | None = None
     active_since: float | None = None
     leader_changes: int = 0
+    #: True while the last word on etcd is that it does not answer (keepalives or a new
+    #: lease failed as unreachable); False once it answers, or when the session merely ran
+    #: out (e.g. the process was paused past its TTL) and etcd may well be fine.
+    etcd_unreachable: bool = False
     restarts: int = 0
     last_error: str | None = None
     recent_errors: list[tuple[str, str]] = field(default_factory=list)
@@ -110,6 +114,7 @@ async def run_session(
     while True:
         try:
             async with open_lease(client, ttl) as lease:
+                state.etcd_unreachable = False
                 key, revision = await nominate(client, election, lease.id, value)
                 state.lease, state.key = lease, key
                 async with open_nursery() as nursery:
@@ -141,10 +146,16 @@ async def run_session(
                     report()
                     await hooks.reach(f"{state.role}.active")
         except LeaseLost as exc:
+            state.etcd_unreachable = exc.unreachable
             state.restarts += 1
             state.record_error(str(exc))
-            log.warning("session lease lost; restarting", extra={"role": state.role})
+            log.warning(
+                "session lease lost; restarting: %s",
+                exc.reason,
+                extra={"role": state.role, "lease": exc.lease_id, "unreachable": exc.unreachable},
+            )
         except EtcdError as exc:
+            state.etcd_unreachable = isinstance(exc, EtcdUnavailableError)
             state.record_error(str(exc))
             log.warning("session failed; retrying", extra={"role": state.role, "error": str(exc)})
         finally:
@@ -152,5 +163,6 @@ async def run_session(
             state.state = "restarting" if reported else "starting"
             state.leadership, state.active_since = "standby", None
             state.lease = state.key = None
+        await hooks.reach(f"{state.role}.session-ended")
         await trio.sleep(backoff * (0.5 + random.random()))
         backoff = min(backoff * 2, 5.0)

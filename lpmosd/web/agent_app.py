@@ -14,10 +14,8 @@ answers 429 with ``Retry-After`` beyond the limit.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
-import trio
 from prometheus_client import Counter
 from quart import Response, request
 from quart_trio import QuartTrio
@@ -31,13 +29,23 @@ from lpmosd.api_requests import (
     ProgressRequest,
     RegisterRequest,
 )
-from lpmosd.documents import Task, valid_op_id
-from lpmosd.errors import ValidationError
+from lpmosd.documents import Task
 from lpmosd.metrics import REGISTRY
 from lpmosd.plan import plan_to_wire
 from lpmosd.timestamps import format_ts, utcnow
+from lpmosd.web.admission import OVERLOAD_MESSAGE, Admission
+from lpmosd.web.agent_fast import (
+    OP_ID_HEADER,
+    AgentFastPath,
+    heard_body,
+    op_id_of,
+    reported_reply,
+    retry_after,
+    task_ended_reply,
+)
 from lpmosd.web.boot_app import install_boot_routes
 from lpmosd.web.common import (
+    error_body,
     error_response,
     install_common,
     json_response,
@@ -50,9 +58,6 @@ from lpmosd.web.status_page import install_status_page
 
 if TYPE_CHECKING:
     from lpmosd.roles.regional import Regional
-
-#: Agent API writes (everything but heartbeats) handled at once; more wait in order.
-MAX_ACTIVE_REQUESTS = 64
 
 RATE_LIMITED = Counter(
     "lpmosd_rate_limited_total", "Agent API requests refused with 429.", registry=REGISTRY
@@ -82,21 +87,26 @@ def _authorization() -> str | None:
     return request.headers.get("Authorization")
 
 
-#: The header that names one agent request, the same on each of its retries.
-OP_ID_HEADER = "Idempotency-Key"
-
-
 def _op_id() -> str | None:
     """The request's operation id (``Idempotency-Key``), recorded in the task with its
     change: a request repeated after a lost answer is recognised, not applied twice."""
-    value = request.headers.get(OP_ID_HEADER)
-    if value is None:
-        return None
-    if len(value) > 64 or not valid_op_id(value):
-        raise ValidationError(
-            f"{OP_ID_HEADER} must be 1-64 letters, digits or _.:-", field=OP_ID_HEADER
-        )
-    return f"agent:{value}"
+    return op_id_of(request.headers.get(OP_ID_HEADER))
+
+
+#: Where :func:`create_agent_app` leaves the app's :class:`AgentFastPath` (app.extensions).
+FAST_PATH = "lpmosd.agent_fast_path"
+
+
+async def send_overloaded(send: Any, retry_after: int) -> None:
+    """The 429 of an overloaded regional, straight over ASGI (nothing else runs)."""
+    body = error_body(OVERLOAD_MESSAGE)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", str(retry_after).encode()),
+    ]
+    await send({"type": "http.response.start", "status": 429, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def create_agent_app(rg: Regional) -> QuartTrio:
@@ -129,12 +139,8 @@ def create_agent_app(rg: Regional) -> QuartTrio:
 
     @app.errorhandler(TaskEndedError)
     async def _task_ended(exc: TaskEndedError) -> Response:
-        response = json_response(
-            {"error": exc.message, "field": exc.field, "task_status": exc.task_status.value},
-            401,
-        )
-        response.headers["WWW-Authenticate"] = 'Bearer realm="lpmosd-agent"'
-        return response
+        status, body, headers = task_ended_reply(exc)
+        return Response(body, status=status, content_type="application/json", headers=headers)
 
     limiter = RateLimiter(cfg.rate_limit_per_second, cfg.rate_limit_burst)
 
@@ -147,15 +153,13 @@ def create_agent_app(rg: Regional) -> QuartTrio:
             return None
         RATE_LIMITED.inc()
         response = error_response(429, "too many requests; slow down")
-        response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+        response.headers["Retry-After"] = retry_after(wait)
         return response
 
-    # Admission control: at most MAX_ACTIVE_REQUESTS agent API writes run at once; the
-    # others wait their turn, in arrival order. Heartbeats (they keep leases alive) are
-    # exempt. An overloaded regional then queues requests instead of stretching every etcd
-    # call, its own session keepalives included, past their deadlines (measured: 1,000
-    # agents flat out made the session lease lapse, and with it every agent's task).
-    active = trio.CapacityLimiter(MAX_ACTIVE_REQUESTS)
+    # Admission control (lpmosd.web.admission): a few agent writes at once, the others
+    # queued in arrival order, 429 + Retry-After beyond the queue's bound. Heartbeats are
+    # exempt.
+    admission = Admission(cfg.max_active_writes, cfg.max_queued_writes)
     inner_asgi = app.asgi_app
 
     async def admitted_asgi(scope: Any, receive: Any, send: Any) -> None:
@@ -165,18 +169,27 @@ def create_agent_app(rg: Regional) -> QuartTrio:
             and path.startswith("/api/")
             and not path.endswith("/heartbeat")
         ):
-            async with active:
+            if admission.overloaded():
+                await send_overloaded(send, admission.retry_after)
+                return
+            async with admission.limiter:
                 await inner_asgi(scope, receive, send)
             return
         await inner_asgi(scope, receive, send)
 
     app.asgi_app = admitted_asgi  # type: ignore[method-assign]
+    # The same routes below Quart, for the lean server (lpmosd.web.lean).
+    app.extensions[FAST_PATH] = AgentFastPath(
+        agents,
+        limiter=limiter,
+        admission=admission,
+        max_body=max_body,
+        rate_limited=RATE_LIMITED,
+    )
 
     def status(reported: Reported) -> Response:
-        if reported.committed:
-            return json_response({"status": reported.task.status.value, "committed": True})
-        body = {"status": reported.task.status.value, "committed": False, "journaled": True}
-        return json_response(body, 202)
+        code, body = reported_reply(reported)
+        return json_response(body, code)
 
     @app.post("/api/v1/agent/register")
     async def register() -> Response:
@@ -202,11 +215,7 @@ def create_agent_app(rg: Regional) -> QuartTrio:
     async def heartbeat(sn: str) -> Response:
         call = await agents.authorize(sn, _authorization())
         no_fields(await read_json(max_body, empty_ok=True))
-        heard = await agents.heartbeat(call)
-        body: dict[str, Any] = {"status": heard.status.value, "lease_ttl": heard.lease_ttl}
-        if not heard.committed:
-            body["committed"] = False  # etcd is unreachable: heard, the lease not refreshed
-        return json_response(body)
+        return json_response(heard_body(await agents.heartbeat(call)))
 
     @app.post("/api/v1/agent/<sn>/progress")
     async def progress(sn: str) -> Response:

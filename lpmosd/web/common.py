@@ -46,20 +46,51 @@ def error_response(status: int, message: str, field: str | None = None) -> Respo
     ``Expect: 100-continue``) would otherwise block on a full socket until it timed out
     instead of seeing the answer.
     """
-    body: dict[str, Any] = {"error": message}
-    if field is not None:
-        body["field"] = field
-    response = Response(json.dumps(body), status=status, content_type="application/json")
+    response = Response(error_body(message, field), status=status, content_type="application/json")
     if status == 413:
         response.headers["Connection"] = "close"
     return response
 
 
+def error_body(message: str, field: str | None = None) -> bytes:
+    """The body of :func:`error_response` (the lean agent path sends the same bytes)."""
+    body: dict[str, Any] = {"error": message}
+    if field is not None:
+        body["field"] = field
+    return json.dumps(body).encode()
+
+
+def json_body(obj: Any) -> bytes:
+    """The body of :func:`json_response`: compact JSON."""
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
 def json_response(obj: Any, status: int = 200) -> Response:
     """Compact JSON."""
-    return Response(
-        json.dumps(obj, separators=(",", ":")), status=status, content_type="application/json"
-    )
+    return Response(json_body(obj), status=status, content_type="application/json")
+
+
+def map_error(exc: Exception, *, path: str = "") -> tuple[int, str, str | None]:
+    """``(status, message, field)`` of the JSON error answering ``exc`` (logged as needed):
+    the one mapping of errors to HTTP, shared by the Quart apps and the lean agent path."""
+    if isinstance(exc, InputError):
+        return exc.status, exc.message, exc.field
+    if isinstance(exc, UnavailableError):
+        return 503, str(exc), None
+    if isinstance(exc, EtcdUnavailableError):
+        log.warning("etcd unavailable", extra={"error": str(exc)})
+        return 503, "etcd is unavailable; try again", None
+    if isinstance(exc, EtcdNoSpaceError):
+        log.error("etcd is out of space", extra={"error": str(exc)})
+        return 503, NOSPACE_HELP, None
+    if isinstance(exc, NotLeaderError):
+        log.warning("write refused: not the leader", extra={"error": str(exc)})
+        return 503, f"{exc}; retry (another instance leads)", None
+    if isinstance(exc, EtcdError):
+        log.error("etcd error", extra={"error": str(exc)})
+        return 503, "storage error; try again", None
+    log.exception("unhandled error", extra={"path": path}, exc_info=exc)
+    return 500, "internal error", None
 
 
 def _reject_constant(name: str) -> Any:
@@ -105,7 +136,12 @@ async def read_json(max_bytes: int, *, empty_ok: bool = False) -> dict[str, Any]
         if size > max_bytes:
             raise PayloadTooLargeError(f"body over {max_bytes} bytes", field="body")
         chunks.append(chunk)
-    data = b"".join(chunks)
+    return parse_body(b"".join(chunks), empty_ok=empty_ok)
+
+
+def parse_body(data: bytes, *, empty_ok: bool = False) -> dict[str, Any]:
+    """A request body that must be a JSON object (or empty, with ``empty_ok``); 400 naming
+    ``body`` otherwise."""
     if not data.strip():
         if empty_ok:
             return {}
@@ -146,32 +182,10 @@ def install_common(
         return None
 
     @app.errorhandler(InputError)
-    async def _input_error(exc: InputError) -> Response:
-        return error_response(exc.status, exc.message, exc.field)
-
     @app.errorhandler(UnavailableError)
-    async def _unavailable(exc: UnavailableError) -> Response:
-        return error_response(503, str(exc))
-
-    @app.errorhandler(EtcdUnavailableError)
-    async def _etcd_down(exc: EtcdUnavailableError) -> Response:
-        log.warning("etcd unavailable", extra={"error": str(exc)})
-        return error_response(503, "etcd is unavailable; try again")
-
-    @app.errorhandler(EtcdNoSpaceError)
-    async def _etcd_full(exc: EtcdNoSpaceError) -> Response:
-        log.error("etcd is out of space", extra={"error": str(exc)})
-        return error_response(503, NOSPACE_HELP)
-
-    @app.errorhandler(NotLeaderError)
-    async def _not_leader(exc: NotLeaderError) -> Response:
-        log.warning("write refused: not the leader", extra={"error": str(exc)})
-        return error_response(503, f"{exc}; retry (another instance leads)")
-
     @app.errorhandler(EtcdError)
-    async def _etcd_error(exc: EtcdError) -> Response:
-        log.error("etcd error", extra={"error": str(exc)})
-        return error_response(503, "storage error; try again")
+    async def _mapped(exc: Exception) -> Response:
+        return error_response(*map_error(exc))
 
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:
@@ -180,8 +194,7 @@ def install_common(
 
     @app.errorhandler(Exception)
     async def _unexpected(exc: Exception) -> Response:
-        log.exception("unhandled error", extra={"path": request.path})
-        return error_response(500, "internal error")
+        return error_response(*map_error(exc, path=request.path))
 
     @app.after_request
     async def _count(response: Response) -> Response:

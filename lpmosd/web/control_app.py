@@ -21,6 +21,7 @@ from lpmosd.boot.ostypes import check_os_type
 from lpmosd.documents import MAX_TEXT_CHARS, TaskStatus
 from lpmosd.errors import ValidationError
 from lpmosd.fields import sanitize_text
+from lpmosd.task_pages import parse_limit
 from lpmosd.timestamps import utcnow
 from lpmosd.tokens import Role, parse_expiry, validate_token_name
 from lpmosd.web.auth import csrf_token, current_principal, install_auth, require_role
@@ -139,9 +140,22 @@ def create_control_app(cp: ControlPlane) -> QuartTrio:
         idc_arg = request.args.get("idc")
         idc = schema.validate_idc(idc_arg) if idc_arg else None
         status = _status_filter(request.args.get("status"))
-        tasks = await store.list_tasks(idc=idc, status=status)
+        token = request.args.get("continue") or None
+        limit = parse_limit(request.args.get("limit"), continuing=token is not None)
+        metadata: dict[str, str] = {}
+        if limit is None:
+            # No limit: the whole list in one answer, as before paging existed.
+            tasks = await store.list_tasks(idc=idc, status=status)
+        else:
+            page = await store.list_task_page(
+                idc=idc, status=status, limit=limit, continue_token=token
+            )
+            tasks = page.tasks
+            metadata["resourceVersion"] = str(page.revision)
+            if page.continue_token is not None:
+                metadata["continue"] = page.continue_token
         listed = [{**t.to_dict(), **cp.agent_state(t.idc, t.sn)} for t in tasks]
-        return json_response({"tasks": listed, "count": len(tasks)})
+        return json_response({"tasks": listed, "count": len(tasks), "metadata": metadata})
 
     @app.get("/api/v1/tasks/<idc>/<sn>")
     @require_role(Role.VIEWER)

@@ -47,6 +47,7 @@ from lpmosd.web.live import (
 )
 from lpmosd.web.ops import ROLE_METRICS
 from lpmosd.web.pages import CSP, format_bytes, page_headers
+from lpmosd.web.table_pages import table_page
 
 if TYPE_CHECKING:
     from lpmosd.roles.control_plane import ControlPlane
@@ -55,6 +56,8 @@ log = logging.getLogger("lpmosd.dashboard")
 
 #: Seconds between SSE comments that keep idle connections (and proxies) open.
 KEEPALIVE: Final = 15.0
+#: At most one ``counts`` event per this many seconds per tasks-table stream.
+COUNTS_INTERVAL: Final = 1.0
 #: How long an enrolment secret waits to be shown (seconds), and how many may wait.
 SECRET_TTL: Final = 600.0
 MAX_SECRETS: Final = 1000
@@ -141,6 +144,16 @@ def _create_fields(view: PrefixView | None) -> tuple[tuple[str, str, str, tuple[
     )
 
 
+def _cursor(value: str | None) -> str:
+    """A page cursor (``?after=`` / ``?before=``): a machine id, else "" (the first page)."""
+    if not value:
+        return ""
+    idc, _, sn = value.partition("/")
+    if schema.NAME_RE.fullmatch(idc) is None or schema.NAME_RE.fullmatch(sn) is None:
+        return ""
+    return value
+
+
 def _machine_arg(value: str | None) -> str | None:
     """Validate ``?machine=idc/sn`` (it only selects events, but keep names clean)."""
     if not value:
@@ -196,11 +209,18 @@ def install_dashboard(app: QuartTrio, cp: ControlPlane) -> LiveHub:
             idc = ""
         if status not in _statuses():
             status = ""
-        rows = [
-            task_summary(task, agent_online=online, unreachable=hub.machines[m].unreachable)
-            for m, task, online in hub.tasks()
-            if (not idc or task.idc == idc) and (not status or task.status.value == status)
-        ]
+        # Cursors are machine ids; anything else starts at the first page.
+        after, before = _cursor(request.args.get("after")), _cursor(request.args.get("before"))
+        page = table_page(hub, idc=idc, status=status, after=after, before=before)
+        rows = []
+        for m in page.machines:
+            state = hub.machines[m]
+            assert state.task is not None
+            rows.append(
+                task_summary(
+                    state.task, agent_online=state.agent_online, unreachable=state.unreachable
+                )
+            )
         all_counts = hub.counts_dict()
         counts = {s: 0 for s in _statuses()}
         for name, per_idc in all_counts.items():
@@ -212,12 +232,21 @@ def install_dashboard(app: QuartTrio, cp: ControlPlane) -> LiveHub:
             args = {"idc": idc, "status": status, **changes}
             return urlencode({k: v for k, v in args.items() if v})
 
+        # The live stream sends this page's rows only: from its first row (open on the
+        # first page) to its last (open on the last page, so new tasks appear there).
+        window = {
+            "from": rows[0]["key"] if rows and page.has_prev else "",
+            "to": rows[-1]["key"] if rows and page.has_next else "",
+        }
         return await render_template(
             "dashboard/index.html",
             **context(
                 rows=rows,
                 counts=counts,
                 total=sum(counts.values()),
+                matching=counts[status] if status else sum(counts.values()),
+                page=page,
+                window=window,
                 idcs=sorted(all_counts),
                 idc=idc,
                 status=status,
@@ -399,6 +428,9 @@ def install_dashboard(app: QuartTrio, cp: ControlPlane) -> LiveHub:
     @require_role(Role.VIEWER)
     async def events() -> Response:
         machine = _machine_arg(request.args.get("machine"))
+        # A table page's rows: machines from ``from`` to ``to`` (empty: unbounded).
+        lo = _cursor(request.args.get("from")) or None
+        hi = _cursor(request.args.get("to")) or None
         # On reconnect the browser sends the last id it got; a fresh page passes ?since=.
         since = parse_event_id(request.headers.get("Last-Event-ID")) or parse_event_id(
             request.args.get("since")
@@ -408,20 +440,35 @@ def install_dashboard(app: QuartTrio, cp: ControlPlane) -> LiveHub:
         async def stream() -> AsyncIterator[bytes]:
             # Subscribing inside the body: the hub forgets us whenever the body ends,
             # including when the browser goes away (quart closes the generator).
-            with hub.subscribe(machine=machine, since=since) as sub:
+            with hub.subscribe(machine=machine, since=since, lo=lo, hi=hi) as sub:
                 # No id on this one: it must not move the browser's Last-Event-ID.
                 live = json.dumps({"live": hub.live and cp.view is not None})
                 yield f"retry: 2000\nevent: hello\ndata: {live}\n\n".encode()
                 for old in sub.backlog:
                     yield old.encode()
+                table = machine is None
+                counts_sent, counts_due = -1, 0.0
+                last_sent = trio.current_time()
                 while True:
+                    now = trio.current_time()
+                    if table and counts_sent != hub.counts_version and now >= counts_due:
+                        # Counts move with every machine, most of them on other pages: at
+                        # most one ``counts`` frame per COUNTS_INTERVAL, not one each.
+                        counts_sent, counts_due = hub.counts_version, now + COUNTS_INTERVAL
+                        yield hub.counts_frame().encode()
+                        last_sent = now
                     frame: str | None = None
-                    with trio.move_on_after(KEEPALIVE):
+                    with trio.move_on_after(COUNTS_INTERVAL if table else KEEPALIVE):
                         try:
                             frame = await sub.receive.receive()
                         except trio.EndOfChannel:
                             return  # too slow, or reset: the browser reconnects
-                    yield frame.encode() if frame is not None else b": keepalive\n\n"
+                    if frame is not None:
+                        yield frame.encode()
+                        last_sent = trio.current_time()
+                    elif trio.current_time() - last_sent >= KEEPALIVE:
+                        yield b": keepalive\n\n"
+                        last_sent = trio.current_time()
 
         resp = Response(stream(), content_type="text/event-stream")
         resp.headers["Cache-Control"] = "no-store"

@@ -12,6 +12,10 @@ one that connected before the hub first synced, gets a ``reset`` event and reloa
 snapshot. A browser too slow to drain its queue is disconnected; its EventSource
 reconnects and resumes from the ring, so slowness never costs a status change.
 
+The tasks table is paged (tens of thousands of machines): its browser subscribes to the
+key range of the rows it shows, so it gets only their changes, plus a ``counts`` event (no
+id: it is state, not history) at most once a second while the per-status counts change.
+
 Log lines travel as deltas: each task event carries only the lines added since the
 previous event of that task, with their absolute index (``logs_dropped`` + position), so a
 resumed page appends exactly the missing lines.
@@ -19,6 +23,7 @@ resumed page appends exactly the missing lines.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 from collections import Counter, deque
@@ -164,6 +169,9 @@ class _Subscriber:
     machine: str | None
     send: trio.MemorySendChannel[str]
     overflowed: bool = False
+    #: A table's rows: machines from ``lo`` to ``hi`` (inclusive; None: unbounded).
+    lo: str | None = None
+    hi: str | None = None
 
 
 @dataclass(eq=False)
@@ -204,6 +212,10 @@ class LiveHub:
     machines: dict[str, MachineState] = field(default_factory=dict)
     #: Tasks per IDC and status, kept incrementally (the page header and /metrics).
     counts: dict[str, Counter[str]] = field(default_factory=dict)
+    #: Bumped whenever ``counts`` changes (event streams send ``counts`` when it moved).
+    counts_version: int = 0
+    #: Machines that have a task, sorted: the tasks table's pages are slices of it.
+    order: list[str] = field(default_factory=list)
     #: Events published so far (a metric).
     published: int = 0
     _ring: deque[LiveEvent] = field(default_factory=deque)
@@ -213,6 +225,7 @@ class LiveHub:
     _floor: EventId = (1 << 62, 0)
     _view: PrefixView | None = None
     _changed: trio.Event = field(default_factory=trio.Event)
+    _counts_frame: tuple[int, str] | None = None
 
     # ------------------------------------------------------------------ reading
 
@@ -239,9 +252,12 @@ class LiveHub:
 
     def tasks(self) -> list[tuple[str, Task, bool]]:
         """``(machine, task, agent_online)`` of every machine with a task, sorted by machine."""
-        return sorted(
-            (m, s.task, s.agent_online) for m, s in self.machines.items() if s.task is not None
-        )
+        out: list[tuple[str, Task, bool]] = []
+        for m in self.order:
+            state = self.machines[m]
+            assert state.task is not None
+            out.append((m, state.task, state.agent_online))
+        return out
 
     def machine(self, idc: str, sn: str) -> MachineState | None:
         """The state of one machine, if the hub knows it."""
@@ -254,6 +270,15 @@ class LiveHub:
             for idc, c in sorted(self.counts.items())
         }
 
+    def counts_frame(self) -> str:
+        """The ``counts`` event as it stands (no id: current state, not a change to replay)."""
+        cached = self._counts_frame
+        if cached is None or cached[0] != self.counts_version:
+            body = json.dumps({"counts": self.counts_dict()}, separators=(",", ":"))
+            cached = (self.counts_version, f"event: counts\ndata: {body}\n\n")
+            self._counts_frame = cached
+        return cached[1]
+
     # ------------------------------------------------------------------ subscribing
 
     def check_capacity(self) -> None:
@@ -262,14 +287,22 @@ class LiveHub:
             raise TooManySubscribersError("too many event streams; try again later")
 
     @contextmanager
-    def subscribe(self, *, machine: str | None, since: EventId | None) -> Iterator[Subscription]:
-        """Open an event stream (every machine's table rows, or one machine's page).
+    def subscribe(
+        self,
+        *,
+        machine: str | None,
+        since: EventId | None,
+        lo: str | None = None,
+        hi: str | None = None,
+    ) -> Iterator[Subscription]:
+        """Open an event stream: the table rows of machines ``lo``..``hi`` (inclusive, None
+        unbounded), or (``machine``) one machine's page.
 
         ``since`` is the last event the browser has. The backlog and the live queue are
-        taken with no checkpoint in between, so nothing falls in the gap. Raises
+        taken with no checkpoint in between, so nothing falls in the gap.
         """
         send, receive = trio.open_memory_channel[str](self.queue_size)
-        sub = _Subscriber(machine, send)
+        sub = _Subscriber(machine, send, lo=lo, hi=hi)
         backlog: list[str] = []
         if not self.synced:
             # No snapshot yet (etcd unreachable since start): wait; attach() resets us.
@@ -297,6 +330,10 @@ class LiveHub:
     @staticmethod
     def _frame_for(sub: _Subscriber, ev: LiveEvent) -> str | None:
         if sub.machine is None:
+            if (sub.lo is not None and ev.machine < sub.lo) or (
+                sub.hi is not None and ev.machine > sub.hi
+            ):
+                return None  # not on this browser's page of the table
             return ev.table_frame
         return ev.detail_frame if sub.machine == ev.machine else None
 
@@ -319,6 +356,7 @@ class LiveHub:
             for state in fresh.values():
                 if state.task is not None:
                     self._count(state.task, +1)
+            self.order = sorted(m for m, state in fresh.items() if state.task is not None)
             self._last = (view.revision, 0)
             self._floor = self._last
             for sub in list(self._subs):
@@ -404,6 +442,8 @@ class LiveHub:
         if new.task_rev != old.task_rev:
             if old.task is not None:
                 self._count(old.task, -1)
+            if (old.task is None) != (new.task is None):
+                self._reorder(machine, present=new.task is not None)
             if new.task is not None:
                 self._count(new.task, +1)
                 self._publish_task(machine, new, old.task, revision)
@@ -450,7 +490,16 @@ class LiveHub:
         frame = _frame(eid, "deleted", {"key": machine, "counts": self.counts_dict()})
         self._publish(LiveEvent(eid, machine, frame, frame))
 
+    def _reorder(self, machine: str, *, present: bool) -> None:
+        i = bisect.bisect_left(self.order, machine)
+        here = i < len(self.order) and self.order[i] == machine
+        if present and not here:
+            self.order.insert(i, machine)
+        elif here and not present:
+            del self.order[i]
+
     def _count(self, task: Task, delta: int) -> None:
+        self.counts_version += 1
         per_idc = self.counts.setdefault(task.idc, Counter())
         per_idc[task.status.value] += delta
         if per_idc[task.status.value] <= 0:

@@ -100,7 +100,37 @@ async def test_retry_after_is_honoured(autojump_clock: trio.testing.MockClock) -
     ) as c:  # fmt: skip
         started = trio.current_time()
         await c.heartbeat()
-        assert trio.current_time() - started == pytest.approx(3)
+        assert 3 <= trio.current_time() - started <= 4.5  # Retry-After plus jitter
+
+
+async def test_overload_429_is_retried_after_retry_after_with_jitter(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Agents refused together come back spread out, none before Retry-After."""
+    refused: set[int] = set()
+    waited: list[float] = []
+
+    async def one(i: int) -> None:
+        def handler(request: httpx.Request) -> httpx.Response:
+            if i not in refused:
+                refused.add(i)
+                return httpx.Response(429, headers={"Retry-After": "2"}, json={"error": "busy"})
+            return httpx.Response(200, json={"status": "installing", "committed": True})
+
+        async with AgentClient(
+            "http://r", f"sn-{i:03d}", retry=RetryPolicy(initial=0.1, maximum=5, total=60),
+            transport=httpx.MockTransport(handler),
+        ) as c:  # fmt: skip
+            started = trio.current_time()
+            await c.progress("step", 10, "")
+            waited.append(trio.current_time() - started)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(20):
+            nursery.start_soon(one, i)
+    assert len(waited) == 20
+    assert all(2 <= w <= 3 for w in waited)
+    assert len({round(w, 3) for w in waited}) > 10  # spread, not all at once
 
 
 @pytest.mark.parametrize(

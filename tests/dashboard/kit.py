@@ -67,8 +67,9 @@ def quick_config(endpoints: list[str], *, step_seconds: float = 0.4, **kwargs: A
 class DaemonThread:
     """``run_daemon(config)`` on a thread of its own, for synchronous (browser) tests."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, start_timeout: float = 30) -> None:
         self.config = config
+        self.start_timeout = start_timeout
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._daemon: Daemon | None = None
@@ -128,8 +129,8 @@ class DaemonThread:
 
     def __enter__(self) -> Self:
         self._thread.start()
-        if not self._ready.wait(30):
-            raise RuntimeError("the daemon did not start within 30 s")
+        if not self._ready.wait(self.start_timeout):
+            raise RuntimeError(f"the daemon did not start within {self.start_timeout} s")
         if self._error is not None:
             raise RuntimeError("the daemon failed to start") from self._error
         return self
@@ -211,15 +212,18 @@ def read_events(
     count: int,
     headers: dict[str, str] | None = None,
     timeout: float = TIMEOUT,
+    skip: tuple[str, ...] = ("hello", "counts"),
 ) -> list[SseEvent]:
-    """Open ``path`` as an event stream and return its first ``count`` events."""
+    """Open ``path`` as an event stream and return its first ``count`` events, leaving out
+    the kinds in ``skip`` (by default the stream's greeting and the table's counts)."""
     events: list[SseEvent] = []
     with http.stream("GET", path, headers=headers, timeout=timeout) as r:
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
         for fields in _frames(r.iter_lines()):
-            if "event" in fields and fields["event"] != "hello":
-                events.append(SseEvent(fields["id"], fields["event"], json.loads(fields["data"])))
+            if "event" in fields and fields["event"] not in skip:
+                data = json.loads(fields["data"])
+                events.append(SseEvent(fields.get("id", ""), fields["event"], data))
                 if len(events) == count:
                     break
     return events

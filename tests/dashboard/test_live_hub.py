@@ -20,6 +20,7 @@ from lpmosd.web.live import (
     log_delta,
     parse_event_id,
 )
+from lpmosd.web.table_pages import table_page
 
 T0 = datetime(2026, 1, 30, 12, 0, tzinfo=UTC)
 
@@ -262,3 +263,58 @@ def test_current_step_prefers_the_latest_unfinished() -> None:
     t = lifecycle.record_progress(t, "base_system", 100, now=T0 + timedelta(seconds=3))
     step = current_step(t.progress)
     assert step is not None and (step.step, step.percent) == ("base_system", 100)
+
+
+def task_delete(idc: str, sn: str, rev: int) -> Change:
+    return Change(schema.task_key(idc, sn), None, None, rev)
+
+
+async def test_a_table_stream_gets_the_rows_of_its_page_only() -> None:
+    hub, _, _ = hub_with_task()
+    for i, sn in enumerate(("sn-a", "sn-b", "sn-c", "sn-d")):
+        hub.apply(task_change(new_task(sn), 11 + i))
+    assert hub.order == ["dc1/sn-001", "dc1/sn-a", "dc1/sn-b", "dc1/sn-c", "dc1/sn-d"]
+    version = hub.counts_version
+    with (
+        hub.subscribe(machine=None, since=(14, 0), lo="dc1/sn-b", hi="dc1/sn-c") as middle,
+        hub.subscribe(machine=None, since=(14, 0), lo="dc1/sn-c") as last,
+    ):
+        for sn in ("sn-a", "sn-b", "sn-c", "sn-d"):
+            cancelled = lifecycle.transition(
+                new_task(sn), documents.TaskStatus.CANCELLED, now=T0, actor="x"
+            )
+            hub.apply(task_change(cancelled, 20))
+        hub.apply(task_change(new_task("sn-e"), 21))  # a new task past the last page's end
+        hub.apply(task_delete("dc1", "sn-a", 22))
+        assert [d["key"] for _, _, d in frames(drain(middle.receive))] == ["dc1/sn-b", "dc1/sn-c"]
+        got = [(e, d["key"]) for _, e, d in frames(drain(last.receive))]
+        assert got == [("task", "dc1/sn-c"), ("task", "dc1/sn-d"), ("task", "dc1/sn-e")]
+    assert hub.order == ["dc1/sn-001", "dc1/sn-b", "dc1/sn-c", "dc1/sn-d", "dc1/sn-e"]
+    assert hub.counts_version > version
+    assert '"cancelled":3' in hub.counts_frame() and "\nid:" not in hub.counts_frame()
+
+
+def test_table_pages_follow_their_cursors() -> None:
+    hub, _, _ = hub_with_task()
+    hub.apply(task_delete("dc1", "sn-001", 11))
+    for i in range(25):
+        hub.apply(task_change(new_task(f"sn-{i:02d}", idc="dc1" if i < 20 else "dc2"), 12 + i))
+    first = table_page(hub, size=10)
+    assert first.machines[0] == "dc1/sn-00" and (first.has_prev, first.has_next) == (False, True)
+    second = table_page(hub, after=first.machines[-1], size=10)
+    assert second.machines[0] == "dc1/sn-10" and second.offset == 10
+    # The cursor's own machine may be gone: the page still starts right after where it was.
+    hub.apply(task_delete("dc1", "sn-09", 50))
+    assert table_page(hub, after="dc1/sn-09", size=10).machines == second.machines
+    back = table_page(hub, before=second.machines[0], size=10)
+    # Fewer than a page before it: the first page, full.
+    assert back.machines == [*(f"dc1/sn-0{i}" for i in range(9)), "dc1/sn-10"]
+    assert (back.has_prev, back.offset) == (False, 0)
+    dc2 = table_page(hub, idc="dc2", size=3)
+    assert dc2.machines == ["dc2/sn-20", "dc2/sn-21", "dc2/sn-22"] and dc2.has_next
+    end = table_page(hub, idc="dc2", after="dc2/sn-22", size=3)
+    assert end.machines == ["dc2/sn-23", "dc2/sn-24"] and not end.has_next and end.has_prev
+    prev = table_page(hub, idc="dc2", before="dc2/sn-24", size=2)
+    assert prev.machines == ["dc2/sn-22", "dc2/sn-23"] and prev.has_prev and prev.has_next
+    assert table_page(hub, status="cancelled").machines == []
+    assert table_page(hub, idc="dc9").machines == []

@@ -298,7 +298,12 @@ async def test_paused_leader_wakes_after_losing_leadership(
                 assert lease is not None
                 # What etcd does to a paused process's lease once its TTL is over.
                 await client.lease_revoke(lease.id)
-                await wait_for(lambda: second.session.active, what="the standby takes over")
+                # Active, and done with what a new leader writes first (its OS types):
+                # every write after this point would be the woken one's.
+                await wait_for(
+                    lambda: second.session.active and second.boot.published.is_set(),
+                    what="the standby takes over",
+                )
                 woke_at[0] = (await client.get_prefix(schema.ROOT)).revision
 
             stop = trio.Event()

@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 import trio
-from provisioning_kit import GUIDE_TASK, make_config, open_daemon, register_agent, wait_for
+from provisioning_kit import (
+    GUIDE_TASK,
+    TcpProxy,
+    make_config,
+    open_daemon,
+    register_agent,
+    wait_for,
+)
 
-from lpmosd import schema
+from lpmosd import hooks, schema
 from lpmosd.api_requests import CreateTaskRequest
 from lpmosd.config import ROLE_REGIONAL
 from lpmosd.daemon import Daemon
@@ -117,6 +125,106 @@ async def test_revoked_session_lease_restarts_the_role_cleanly(
             assert r.status_code == 200, r.text
             assert r.json()["lease_ttl"] > 0
             assert (await http.get("/readyz")).status_code == 200
+
+
+async def test_session_lost_while_etcd_answers_journals_nothing(
+    etcd: EtcdProcess, store: Store, client: EtcdClient
+) -> None:
+    """The active regional's session ends while etcd answers (as when it wakes from a pause
+    past its TTL and a standby may lead): until a new session says who leads, reports get
+    503 — never a journaled 202 that only this host could apply — and nothing is journaled."""
+    config = make_config(etcd.endpoints, roles=RG_ONLY, session_ttl=3)
+    ended, release = trio.Event(), trio.Event()
+
+    async def hold() -> None:
+        ended.set()
+        await release.wait()
+
+    async with open_daemon(config) as daemon:
+        rg = regional(daemon)
+        auth = await create_and_register(store, rg.url)
+        await store.approve("dc1", SN, approved_by="op")
+        lease = rg.session.lease
+        assert lease is not None and rg.session.active
+        async with httpx.AsyncClient(base_url=rg.url, headers=auth) as http:
+            with hooks.install("regional.session-ended", hold):
+                await client.lease_revoke(lease.id)
+                with trio.fail_after(10):
+                    await ended.wait()
+                assert not rg.session.running and not rg.autonomous
+                r = await http.post(
+                    f"/api/v1/agent/{SN}/progress", json={"step": "partitioning", "percent": 1}
+                )
+                assert r.status_code == 503, r.text
+                assert "restarting" in r.json()["error"]
+                r = await http.post(f"/api/v1/agent/{SN}/heartbeat")
+                assert r.status_code == 503, r.text
+                assert len(rg.journal) == 0
+                release.set()
+            await wait_for(lambda: rg.session.active, what="active again")
+            r = await http.post(
+                f"/api/v1/agent/{SN}/progress", json={"step": "partitioning", "percent": 1}
+            )
+            assert r.status_code == 200, r.text
+        task = (await store.get_task("dc1", SN)).task
+        assert [(p.step, p.percent) for p in task.progress][-1] == ("partitioning", 1)
+
+
+async def test_journal_of_a_cut_off_regional_is_applied_once_a_standby_leads(
+    etcd: EtcdProcess, store: Store, tmp_path: Path
+) -> None:
+    """The active regional is cut off from etcd (WAN) past its session TTL and journals an
+    agent's report; the standby takes over. When the link heals the old one is a standby:
+    the report it acknowledged (202) is applied all the same — unfenced, still a CAS with
+    its operation id — instead of waiting in its journal until it might lead again."""
+    async with trio.open_nursery() as nursery:
+        proxy = TcpProxy(etcd.client_port)
+        await nursery.start(proxy.serve)
+        config_a = make_config(
+            [proxy.endpoint],
+            roles=RG_ONLY,
+            session_ttl=3,
+            request_timeout=3,
+            state_dir=tmp_path / "a",
+        )
+        config_b = make_config(
+            etcd.endpoints, roles=RG_ONLY, session_ttl=3, state_dir=tmp_path / "b"
+        )
+        async with open_daemon(config_a) as daemon_a:
+            a = regional(daemon_a)
+            auth = await create_and_register(store, a.url)
+            await store.approve("dc1", SN, approved_by="op")
+            await wait_for(
+                lambda: (
+                    a.machines is not None
+                    and "approved" in a.machines.items[schema.task_key("dc1", SN)].value.decode()
+                ),
+                what="the approval in a's view",
+            )
+            async with open_daemon(config_b) as daemon_b:
+                b = regional(daemon_b)
+                await wait_for(lambda: b.session.running, what="b's session")
+                assert a.session.active and not b.session.active
+
+                proxy.freeze()
+                await wait_for(lambda: a.autonomous, timeout=10, what="a serving alone")
+                async with httpx.AsyncClient(base_url=a.url, headers=auth, timeout=5) as http:
+                    r = await http.post(
+                        f"/api/v1/agent/{SN}/progress",
+                        json={"step": "partitioning", "percent": 1},
+                    )
+                assert r.status_code == 202, r.text
+                assert len(a.journal) == 1
+                await wait_for(lambda: b.session.active, timeout=10, what="b takes over")
+
+                proxy.heal()
+                await wait_for(lambda: a.session.running, timeout=15, what="a back, standby")
+                assert not a.session.active
+                await wait_for(lambda: len(a.journal) == 0, timeout=10, what="journal applied")
+                task = (await store.get_task("dc1", SN)).task
+                assert [(p.step, p.percent) for p in task.progress][-1] == ("partitioning", 1)
+                assert task.status.value == "installing"
+        nursery.cancel_scope.cancel()
 
 
 async def test_frozen_etcd_expires_session_view_serves_journal_applies(

@@ -58,6 +58,9 @@
   if (body.dataset.machine) {
     url += "&machine=" + encodeURIComponent(body.dataset.machine);
   }
+  // The tasks table is paged: the server sends the changes of this page's rows only.
+  if (body.dataset.from) { url += "&from=" + encodeURIComponent(body.dataset.from); }
+  if (body.dataset.to) { url += "&to=" + encodeURIComponent(body.dataset.to); }
   var source = new EventSource(url);
   // The first thing every stream says: whether the server itself follows etcd right now.
   source.addEventListener("hello", function (ev) {
@@ -199,16 +202,18 @@
       } else if (row) {
         row.remove();
       }
-      updateCounts(d.counts);
+      if (d.counts) { updateCounts(d.counts); }
       syncEmpty();
     });
     source.addEventListener("deleted", function (ev) {
       var d = data(ev);
       var row = rowOf(d.key);
       if (row) { row.remove(); }
-      updateCounts(d.counts);
+      if (d.counts) { updateCounts(d.counts); }
       syncEmpty();
     });
+    // Counts of every page (at most one a second): changes on other pages move them too.
+    source.addEventListener("counts", function (ev) { updateCounts(data(ev).counts); });
     source.addEventListener("agent", function (ev) {
       var d = data(ev);
       var row = rowOf(d.key);
