@@ -216,7 +216,7 @@ async def test_a_repeated_operation_id_appends_once(store: Store, client: EtcdCl
 
 
 async def test_reads_assemble_the_same_task(store: Store, client: EtcdClient) -> None:
-    """get_task, list_tasks and the dashboard hub's view show the same lines, and the
+    """get_task, list_tasks, a task page and the dashboard hub's view show the same lines, and the
     same as the document used to hold (the inline cap applied to every line written)."""
     await installing(store, client)
     await installing(store, client, sn="sn-002")
@@ -236,6 +236,8 @@ async def test_reads_assemble_the_same_task(store: Store, client: EtcdClient) ->
         assert got.logs_dropped == reference.logs_dropped > 0
         listed = {t.sn: t for t in await store.list_tasks(idc=IDC)}
         assert listed[SN].to_dict() == got.to_dict()
+        page = await store.list_task_page(idc=IDC, status=None, limit=1, continue_token=None)
+        assert [t.to_dict() for t in page.tasks] == [got.to_dict()]
         assert texts(listed["sn-002"])[-1] == "other 8"
 
         def hub_task() -> Task | None:
