@@ -213,6 +213,11 @@ def test_the_paged_table_in_the_browser(fleet: tuple[DaemonThread, int], browser
         )
         assert http.post(f"/api/v1/tasks/dc2/{sn_of(4)}/cancel", json={}).status_code == 200
         expect(pending).to_have_text(str(before - 2))
+        # Deleting a task elsewhere moves the total in the pager's "of N" too.
+        assert http.delete(f"/api/v1/tasks/dc2/{sn_of(4)}").status_code == 200
+        expect(page.locator("#pager-bottom [data-field=range]")).to_have_text(
+            f"1–100 of {count - 1:,}"
+        )
     expect(rows).to_have_count(PAGE_SIZE)
     assert page.locator(f"tr[data-key='dc2/{sn_of(4)}']").count() == 0
     assert page.evaluate(MARKER) == 1

@@ -188,6 +188,15 @@
       });
       var total = document.querySelector("[data-count='total']");
       if (total) { total.textContent = all; }
+      // "101–200 of 20,000": the matching tasks move with the counts.
+      var matching = filterStatus ? totals[filterStatus] || 0 : all;
+      document.querySelectorAll(".pager").forEach(function (nav) {
+        var range = nav.querySelector("[data-field='range']");
+        var offset = parseInt(nav.dataset.offset || "0", 10);
+        var rows = tbody.rows.length;
+        range.textContent = rows ? (offset + 1).toLocaleString("en-US") + "–" +
+          (offset + rows).toLocaleString("en-US") + " of " + matching.toLocaleString("en-US") : "";
+      });
     }
 
     function syncEmpty() { empty.hidden = tbody.rows.length > 0; }
