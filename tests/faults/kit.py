@@ -95,8 +95,14 @@ class Fleet:
         async with httpx.AsyncClient(base_url=self.url, headers=agent.headers, timeout=5) as http:
             while not stop.is_set() and len(agent.acked) < MAX_LINES:
                 line = agent.line()
+                # Like the real agent: one Idempotency-Key per report, the same on every
+                # resend. A report answered 202 (journaled: etcd did not take it) and sent
+                # again is then applied once, not once by the journal and once by the resend.
+                key = {"Idempotency-Key": f"log-{len(agent.acked)}"}
                 try:
-                    r = await http.post(f"/api/v1/agent/{agent.sn}/logs", json={"lines": [line]})
+                    r = await http.post(
+                        f"/api/v1/agent/{agent.sn}/logs", json={"lines": [line]}, headers=key
+                    )
                     ok = r.status_code == 200
                     if ok and len(agent.acked) % 10 == 0:
                         percent = min(99, 1 + len(agent.acked) // 4)
