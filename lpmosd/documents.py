@@ -27,6 +27,7 @@ __all__ = [
     "MAX_HISTORY_BYTES",
     "MAX_HISTORY_REASON_CHARS",
     "MAX_LOG_BYTES",
+    "MAX_LOG_CHUNKS",
     "MAX_LOG_LINES",
     "MAX_LOG_LINE_CHARS",
     "MAX_META_ITEMS",
@@ -41,6 +42,7 @@ __all__ = [
     "Approval",
     "Disk",
     "Dmi",
+    "LogChunk",
     "MachineMeta",
     "Nic",
     "ProgressStep",
@@ -57,6 +59,10 @@ __all__ = [
 MAX_LOG_LINES: Final = 500
 #: Encoded (JSON, UTF-8) bytes all log lines may take; older lines are dropped first.
 MAX_LOG_BYTES: Final = 96 * 1024
+#: Log chunks (appended batches, see :mod:`lpmosd.tasklogs`) a task keeps: bounds the
+#: chunk list in the task document (~16 bytes each) when agents send one line at a time,
+#: and the deletes one write may make (with its other ops, within etcd's 128 per Txn).
+MAX_LOG_CHUNKS: Final = 100
 #: Characters of text in one log line (before the timestamp and level are added).
 MAX_LOG_LINE_CHARS: Final = 2000
 MAX_HISTORY: Final = 200
@@ -120,6 +126,39 @@ class ProgressStep(Document):
             timestamp=f.get_ts("timestamp"),
             message=f.get_str("message"),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class LogChunk:
+    """One appended batch of log lines, stored at ``.../logs/{seq:06d}``: its sequence
+    number, how many lines it holds and their encoded size (the cap's measure: JSON
+    string bytes plus one per line)."""
+
+    seq: int
+    lines: int
+    size: int
+
+    def to_list(self) -> list[int]:
+        """Compact stored form: ``[seq, lines, size]``."""
+        return [self.seq, self.lines, self.size]
+
+
+def _parse_chunks(f: Fields, key: str) -> tuple[LogChunk, ...]:
+    chunks: list[LogChunk] = []
+    for i, item in enumerate(f.get_list(key, max_items=MAX_LOG_CHUNKS)):
+        p = f"{f.path(key)}[{i}]"
+        if (
+            not isinstance(item, list)
+            or len(item) != 3
+            or not all(type(v) is int for v in item)
+            or not (0 < item[0] <= _MAX_U63 and item[1] > 0 and 0 <= item[2] <= _MAX_U63)
+            or (chunks and item[0] <= chunks[-1].seq)
+        ):
+            raise ValidationError(
+                f"{p} must be [seq, lines, size] with seq increasing and lines > 0", field=p
+            )
+        chunks.append(LogChunk(item[0], item[1], item[2]))
+    return tuple(chunks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +266,9 @@ _TASK_EXTRAS: Final = (
     "resume_from",
     "error",
     "ops",
+    "log_seq",
+    "log_chunks",
+    "log_skip",
     "netboot",
     "ssh_authorized_keys",
     "first_boot_at",
@@ -304,6 +346,14 @@ class Task(Document):
     #: Whether the machine PXE-boots the installer: true on create and retry; the Txn that
     #: completes the task turns it off, so an installed machine boots its disk.
     netboot: bool = True
+    #: Log storage (see :mod:`lpmosd.tasklogs`), stored, not shown by the API: the last
+    #: chunk sequence number written, the live chunks oldest first, and how many of the
+    #: oldest chunk's lines are dropped already. In a stored document ``logs`` holds only
+    #: lines written before logs moved to chunks; :func:`lpmosd.tasklogs.assemble` puts
+    #: the chunks' lines into ``logs`` for readers.
+    log_seq: int = 0
+    log_chunks: tuple[LogChunk, ...] = ()
+    log_skip: int = 0
 
     def with_op(self, op_id: str) -> Self:
         """This task with ``op_id`` remembered as applied."""
@@ -314,6 +364,10 @@ class Task(Document):
         d = self.to_dict()
         if self.ops:
             d["ops"] = list(self.ops)
+        if self.log_seq:
+            d["log_seq"] = self.log_seq
+            d["log_chunks"] = [c.to_list() for c in self.log_chunks]
+            d["log_skip"] = self.log_skip
         return dump_json(d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -355,6 +409,15 @@ class Task(Document):
             if not isinstance(line, str) or SURROGATE_RE.search(line):
                 raise ValidationError(f"logs[{i}] must be a string", field=f"logs[{i}]")
             logs.append(line)
+        log_seq = f.get_int("log_seq", lo=0, hi=_MAX_U63, default=0)
+        chunks = _parse_chunks(f, "log_chunks") if f.has("log_chunks") else ()
+        log_skip = f.get_int("log_skip", lo=0, hi=_MAX_U63, default=0)
+        if chunks and chunks[-1].seq > log_seq:
+            raise ValidationError("log_chunks: a chunk is newer than log_seq", field="log_chunks")
+        if log_skip and (not chunks or log_skip >= chunks[0].lines):
+            raise ValidationError(
+                "log_skip must be less than the oldest chunk's lines", field="log_skip"
+            )
         approval_raw = f.raw("approval")
         first_boot_raw = f.raw("first_boot_at") if f.has("first_boot_at") else None
         status = f.get_choice("status", TaskStatus)
@@ -387,6 +450,9 @@ class Task(Document):
             ssh_authorized_keys=parse_ssh_keys(f, "ssh_authorized_keys"),
             first_boot_at=None if first_boot_raw is None else f.get_ts("first_boot_at"),
             ops=_parse_ops(f.get_list("ops", max_items=MAX_TASK_OPS) if f.has("ops") else []),
+            log_seq=log_seq,
+            log_chunks=chunks,
+            log_skip=log_skip,
             # Documents written before the flag existed: a completed task boots its disk.
             netboot=f.get_bool("netboot", default=status is not TaskStatus.COMPLETED),
         )

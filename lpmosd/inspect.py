@@ -23,7 +23,7 @@ from typing import Any, Final
 
 import trio
 
-from lpmosd import schema
+from lpmosd import schema, tasklogs
 from lpmosd.documents import MachineMeta, ProgressStep, ServerEntry, Task
 from lpmosd.errors import CompactedError, NotFoundError, ValidationError
 from lpmosd.etcd import EtcdClient, EventType, KeyValue, WatchEvent, watch
@@ -311,7 +311,9 @@ def _cmd_task(args: argparse.Namespace) -> int:
         idc, sn = args.idc, args.sn
         async with open_etcd_client(cfg, timeout=args.timeout) as client:
             key = schema.task_key(idc, sn)
-            kv = await client.get(key)
+            # One Range of the machine's keys: the document and its log chunks agree.
+            machine = (await client.get_prefix(schema.machine_prefix(idc, sn))).kvs
+            kv = next((kv for kv in machine if kv.key == key.encode()), None)
             if kv is None:
                 hint = await _v2_hint(client, idc, sn)
                 server = await client.get(schema.server_key(idc, sn))
@@ -326,7 +328,7 @@ def _cmd_task(args: argparse.Namespace) -> int:
                 sys.stdout.write(kv.value.decode(errors="replace") + "\n")
             return 0
         try:
-            task = Task.from_json(kv.value)
+            task = tasklogs.assemble(Task.from_json(kv.value), tasklogs.chunks_of(machine))
         except ValidationError as exc:
             raise ValidationError(
                 f"{key} holds an invalid task ({exc}); see it raw with --json"
@@ -441,6 +443,15 @@ def render_event(event: WatchEvent, *, logs: bool = True) -> list[str]:
         if task is None:
             return [f"{where} task written (not a valid task document)"]
         return _task_lines(where, task, _parse_task(prev_value), logs)
+    if parsed.kind == "logs":
+        # A chunk of new log lines (it comes just before the task document that lists it);
+        # a deleted chunk is the cap dropping old lines: not news.
+        if deleted or not logs:
+            return []
+        lines = tasklogs.chunk_lines(event.kv.value)
+        if lines is None:
+            return [f"{where} log chunk written (unreadable)"]
+        return [f"{where} log {line}" for line in lines]
     if parsed.kind == "lease":
         if deleted:
             return [f"{where} agent OFFLINE (lease key gone: expired or revoked)"]

@@ -9,6 +9,8 @@
     /os/{idc}/machines/{sn}/enrolment    the task's enrolment secret, hashed
     /os/{idc}/machines/{sn}/agent-token  the enrolled agent's bearer token, hashed
     /os/{idc}/machines/{sn}/first-boot   the installed system's first-boot credential, hashed
+    /os/{idc}/machines/{sn}/logs/{seq}   one batch of the task's log lines (JSON list),
+                                    seq = 6+ decimal digits (see :mod:`lpmosd.tasklogs`)
     /os/{idc}/os-types              the OS types the IDC's regional can install (JSON)
 
 (The last two: see :mod:`lpmosd.credentials`.)
@@ -37,6 +39,8 @@ __all__ = [
     "first_boot_key",
     "idc_prefix",
     "lease_key",
+    "log_chunk_key",
+    "logs_prefix",
     "machine_prefix",
     "machines_prefix",
     "meta_key",
@@ -68,7 +72,13 @@ _MAC_RES: Final = (
     re.compile(r"[0-9A-Fa-f]{12}", re.ASCII),
 )
 
-KeyKind = Literal["server", "task", "meta", "lease", "enrolment", "agent_token", "first_boot"]
+KeyKind = Literal[
+    "server", "task", "meta", "lease", "enrolment", "agent_token", "first_boot", "logs"
+]
+#: A log chunk's sequence number in its key: at least 6 decimal digits (zero-padded, so
+#: keys sort in append order up to 999,999), no sign, no spaces.
+_SEQ_RE: Final[re.Pattern[str]] = re.compile(r"[0-9]{6,19}", re.ASCII)
+_MAX_SEQ: Final = 2**63 - 1
 #: Key name under a machine's prefix -> its kind ("agent-token" reads better in etcdctl
 #: output; the kind is a Python-friendly identifier).
 _MACHINE_KINDS: Final[dict[str, KeyKind]] = {
@@ -176,6 +186,18 @@ def first_boot_key(idc: str, sn: str) -> str:
     return f"{machine_prefix(idc, sn)}first-boot"
 
 
+def logs_prefix(idc: str, sn: str) -> str:
+    """``/os/{idc}/machines/{sn}/logs/``: the task's log chunks."""
+    return f"{machine_prefix(idc, sn)}logs/"
+
+
+def log_chunk_key(idc: str, sn: str, seq: int) -> str:
+    """``/os/{idc}/machines/{sn}/logs/{seq:06d}``: one appended batch of log lines."""
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 < seq <= _MAX_SEQ:
+        raise ValidationError(f"log chunk seq must be 1..{_MAX_SEQ} (got {seq!r})", field="seq")
+    return f"{logs_prefix(idc, sn)}{seq:06d}"
+
+
 def regional_election_prefix(idc: str) -> str:
     """Where the IDC's regionals stand for election (``.../regional/{lease-hex}``, bound to
     the session lease, holding the regional's URL); the lowest create revision is active."""
@@ -198,6 +220,8 @@ class ParsedKey:
     idc: str
     kind: KeyKind
     sn: str
+    #: A log chunk's sequence number (kind ``logs``); 0 for every other kind.
+    seq: int = 0
 
 
 def parse_key(key: str | bytes) -> ParsedKey | None:
@@ -213,14 +237,25 @@ def parse_key(key: str | bytes) -> ParsedKey | None:
     if not key.startswith(ROOT):
         return None
     parts = key[len(ROOT) :].split("/")
+    seq = 0
     if len(parts) == 3 and parts[1] == "servers":
         idc, _, sn = parts
         kind: KeyKind = "server"
     elif len(parts) == 4 and parts[1] == "machines" and parts[3] in _MACHINE_KINDS:
         idc, _, sn, raw_kind = parts
         kind = _MACHINE_KINDS[raw_kind]
+    elif (
+        len(parts) == 5
+        and parts[1] == "machines"
+        and parts[3] == "logs"
+        and _SEQ_RE.fullmatch(parts[4])
+    ):
+        idc, _, sn, _, raw_seq = parts
+        kind, seq = "logs", int(raw_seq)
+        if not 0 < seq <= _MAX_SEQ or raw_seq != f"{seq:06d}":
+            return None  # not a key log_chunk_key makes (zero seq, extra padding)
     else:
         return None
     if NAME_RE.fullmatch(idc) is None or NAME_RE.fullmatch(sn) is None:
         return None
-    return ParsedKey(idc=idc, kind=kind, sn=sn)
+    return ParsedKey(idc=idc, kind=kind, sn=sn, seq=seq)

@@ -1,8 +1,9 @@
 """Provisioning operations as etcd transactions: the small interface the roles depend on.
 
 Every operation is one Txn (or one CAS loop of Txns) over the v3 schema: a task change
-writes the merged task document and the server entry's status together, so readers never
-see them disagree. Roles call these methods; they never build etcd requests themselves.
+writes the merged task document, its new log lines (a chunk key, see
+:mod:`lpmosd.tasklogs`) and the server entry's status together, so readers never see them
+disagree. Roles call these methods; they never build etcd requests themselves.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Protocol
 
-from lpmosd import api_requests, documents, lifecycle, schema, task_pages, timestamps
+from lpmosd import api_requests, documents, lifecycle, schema, task_pages, tasklogs, timestamps
 from lpmosd.api_requests import CreateTaskRequest
 from lpmosd.boot.ostypes import OsTypes
 from lpmosd.credentials import AgentToken, Enrolment, FirstBootCredential
@@ -99,6 +100,27 @@ def load_task(kv: KeyValue, idc: str, sn: str) -> Task:
         ) from None
 
 
+def server_entry_ops(idc: str, sn: str, old: Task, new: Task) -> tuple[Op, ...]:
+    """The server entry's put when ``new`` changes what it mirrors (status, MAC, task id);
+    none otherwise: most writes (progress, logs) leave it as it is, and rewriting it on
+    each of them was a tenth of the bytes an install wrote. Its ``updated_at`` is the
+    time of the last such change."""
+    if (old.status, old.mac, old.task_id) == (new.status, new.mac, new.task_id):
+        return ()
+    return (put(schema.server_key(idc, sn), ServerEntry.for_task(new).to_json()),)
+
+
+def task_write(
+    idc: str, sn: str, old: Task, new: Task
+) -> tuple[Task, tuple[Op, ...], tuple[Op, ...]]:
+    """What writing ``new`` over the stored ``old`` takes besides the document's own put:
+    the stored document (logs moved to a chunk), the ops to put before it in the same Txn
+    (the log chunk and the cap's deletes: a watcher has the chunk when the document that
+    lists it arrives) and the ops to put after it (the server entry)."""
+    doc, log_ops = tasklogs.split(idc, sn, old, new)
+    return doc, log_ops, server_entry_ops(idc, sn, old, doc)
+
+
 def lease_value(lease_id: int) -> str:
     """The value of a lease key, as the guide writes it: ``lease-<id>``."""
     return f"lease-{lease_id}"
@@ -170,11 +192,23 @@ class Store:
     # --- reads -----------------------------------------------------------------------
 
     async def get_task(self, idc: str, sn: str) -> StoredTask:
-        """The task of ``sn`` in ``idc``; NotFoundError when there is none."""
-        kv = await self.client.get(schema.task_key(idc, sn))
+        """The task of ``sn`` in ``idc`` with its log lines; NotFoundError when there is
+        none. One Range of the machine's keys: the document and its chunks agree."""
+        task_key = schema.task_key(idc, sn).encode()
+        result = await self.client.get_prefix(schema.machine_prefix(idc, sn))
+        kv = next((kv for kv in result.kvs if kv.key == task_key), None)
         if kv is None:
             raise NotFoundError(f"no task for server {sn} in {idc}", field="sn")
-        return StoredTask(load_task(kv, idc, sn), kv.mod_revision, kv)
+        task = tasklogs.assemble(load_task(kv, idc, sn), tasklogs.chunks_of(result.kvs))
+        return StoredTask(task, kv.mod_revision, kv)
+
+    async def with_logs(self, stored: StoredTask, idc: str, sn: str) -> Task:
+        """A task a write returned, with its log lines read back (for answers that show
+        the whole task; the lines are as of the read, at or after the write)."""
+        if not stored.task.log_chunks:
+            return stored.task
+        result = await self.client.get_prefix(schema.logs_prefix(idc, sn))
+        return tasklogs.assemble(stored.task, tasklogs.chunks_of(result.kvs))
 
     async def get_meta(self, idc: str, sn: str) -> MachineMeta | None:
         """Hardware facts of ``sn`` when its agent has reported them."""
@@ -205,6 +239,11 @@ class Store:
         prefix = schema.machines_prefix(idc) if idc else schema.ROOT
         result = await self.client.get_prefix(prefix)
         tasks: list[Task] = []
+        chunks: dict[tuple[str, str], list[KeyValue]] = {}
+        for kv in result.kvs:
+            parsed = schema.parse_key(kv.key)
+            if parsed is not None and parsed.kind == "logs":
+                chunks.setdefault((parsed.idc, parsed.sn), []).append(kv)
         for kv in result.kvs:
             parsed = schema.parse_key(kv.key.decode(errors="replace"))
             if parsed is None or parsed.kind != "task":
@@ -215,7 +254,8 @@ class Store:
                 log.warning("invalid task document skipped", extra=_bad_doc(kv, exc))
                 continue
             if status is None or task.status is status:
-                tasks.append(task)
+                mine = chunks.get((parsed.idc, parsed.sn), [])
+                tasks.append(tasklogs.assemble(task, tasklogs.chunks_of(mine)))
         return tasks
 
     async def list_task_page(
@@ -288,6 +328,7 @@ class Store:
             delete(schema.lease_key(req.idc, req.sn)),
             delete(schema.agent_token_key(req.idc, req.sn)),
             delete(schema.first_boot_key(req.idc, req.sn)),
+            delete(schema.logs_prefix(req.idc, req.sn), prefix=True),
         ]
         if enrolment is None:
             clear.append(delete(enrolment_key))
@@ -307,7 +348,10 @@ class Store:
         guards: Sequence[Compare] = (),
         op_id: str | None = None,
     ) -> StoredTask:
-        """Apply ``fn`` to the task in a CAS loop; the server entry follows in the same Txn.
+        """Apply ``fn`` to the task in a CAS loop; in the same Txn the server entry follows
+        (when its status changes) and the lines ``fn`` added go to a log chunk
+        (:func:`task_write`). The task returned is the stored document: its ``logs`` hold
+        no chunk lines (:meth:`with_logs` reads them).
 
         ``current`` is a cached KeyValue of the task (saves a read when fresh). ``also``
         adds ops for the same Txn; ``guards`` add compares (when one fails and the task
@@ -319,7 +363,6 @@ class Store:
         applied again and the task is returned as it is.
         """
         task_key = schema.task_key(idc, sn)
-        server_key = schema.server_key(idc, sn)
         result_task: list[Task] = []
         op = op_id or new_op_id()
 
@@ -335,10 +378,10 @@ class Store:
             if new is old:
                 return None  # nothing to change: write nothing
             new = new.with_op(op)
-            result_task[:] = [new]
-            entry = ServerEntry.for_task(new)
-            extra = list(also(new)) if also else []
-            return Write(new.to_json(), (put(server_key, entry.to_json()), *extra), guards)
+            doc, before, after = task_write(idc, sn, old, new)
+            result_task[:] = [doc]
+            extra = list(also(doc)) if also else []
+            return Write(doc.to_json(), (*after, *extra), guards, before)
 
         try:
             r = await self.client.atomic_update(task_key, step, current=current, fence=self.fence)
@@ -359,7 +402,7 @@ class Store:
         stored = await self.update_task(
             idc, sn, lambda t: lifecycle.approve(t, approved_by=approved_by, notes=notes, now=now)
         )
-        return stored.task
+        return await self.with_logs(stored, idc, sn)
 
     async def cancel(self, idc: str, sn: str, *, actor: str, reason: str = "") -> Task:
         """Cancel a live task. Its lease key goes in the same Txn: the agent is done."""
@@ -370,7 +413,7 @@ class Store:
             lambda t: lifecycle.cancel(t, now=now, actor=actor, reason=reason),
             also=lambda t: (delete(schema.lease_key(idc, sn)),),
         )
-        return stored.task
+        return await self.with_logs(stored, idc, sn)
 
     async def retry(
         self, idc: str, sn: str, *, actor: str, enrolment: Enrolment | None = None
@@ -405,7 +448,7 @@ class Store:
             return ops
 
         stored = await self.update_task(idc, sn, fn, also=also)
-        return stored.task
+        return await self.with_logs(stored, idc, sn)
 
     # --- first boot of the installed system ----------------------------------------------
 

@@ -28,7 +28,7 @@ import logging
 from dataclasses import dataclass
 from typing import Final
 
-from lpmosd import schema
+from lpmosd import schema, tasklogs
 from lpmosd.documents import Task, TaskStatus
 from lpmosd.errors import (
     CompactedError,
@@ -51,8 +51,9 @@ DEFAULT_LIMIT: Final = 500
 SCAN_FACTOR: Final = 10
 #: At most this many keys per keys-only range read.
 KEY_CHUNK: Final = 4096
-#: Keys read per task wanted: a machine has its task, meta, lease and a few credentials.
-KEYS_PER_MACHINE: Final = 8
+#: Keys read per task wanted: a machine has its task, meta, lease, a few credentials and
+#: its log chunks (about 25 for an install; up to MAX_LOG_CHUNKS).
+KEYS_PER_MACHINE: Final = 32
 #: The longest token accepted (real ones are about 100 characters).
 MAX_TOKEN_CHARS: Final = 1024
 _TOKEN_VERSION: Final = 1
@@ -201,7 +202,7 @@ async def _scan(
             chunk = await _task_keys(client, cursor, end, revision, budget - examined)
             revision, cursor, pending = chunk.revision, chunk.cursor, chunk.keys
             continue
-        batch = pending[: min(MAX_TXN_OPS, budget - examined)]
+        batch = pending[: min(MAX_TXN_OPS // 2, budget - examined)]
         for kv, (_, parsed) in zip(await _read(client, batch, revision), batch, strict=True):
             # Examine the batch in order, stopping at a full page: the rest stays pending.
             if len(tasks) >= limit:
@@ -209,7 +210,7 @@ async def _scan(
             examined += 1
             del pending[0]
             last = parsed
-            task = _load(kv) if kv is not None else None
+            task = _load(*kv) if kv is not None else None
             if task is not None and (status is None or task.status is status):
                 tasks.append(task)
     if last is None or not (pending or await _any_task(client, cursor, end, revision)):
@@ -273,13 +274,18 @@ def _task_key(kv: KeyValue) -> schema.ParsedKey | None:
 
 async def _read(
     client: EtcdClient, batch: list[tuple[bytes, schema.ParsedKey]], revision: int
-) -> list[KeyValue | None]:
-    """The values of ``batch``'s keys as of ``revision``: one read-only Txn."""
-    r = await client.txn([], [get(key, revision=revision) for key, _ in batch])
-    out: list[KeyValue | None] = []
-    for res in r.responses:
-        kvs = getattr(res, "kvs", None)
-        out.append(kvs[0] if kvs else None)
+) -> list[tuple[KeyValue, list[KeyValue]] | None]:
+    """The values of ``batch``'s keys, each with its log chunks, as of ``revision``: one
+    read-only Txn (two reads per task)."""
+    ops = []
+    for key, parsed in batch:
+        ops.append(get(key, revision=revision))
+        ops.append(get(schema.logs_prefix(parsed.idc, parsed.sn), prefix=True, revision=revision))
+    r = await client.txn([], ops)
+    out: list[tuple[KeyValue, list[KeyValue]] | None] = []
+    for doc, chunks in zip(r.responses[0::2], r.responses[1::2], strict=True):
+        kvs = getattr(doc, "kvs", None)
+        out.append((kvs[0], list(getattr(chunks, "kvs", []))) if kvs else None)
     return out
 
 
@@ -293,9 +299,9 @@ async def _any_task(client: EtcdClient, cursor: bytes | None, end: bytes, revisi
     return False
 
 
-def _load(kv: KeyValue) -> Task | None:
+def _load(kv: KeyValue, chunks: list[KeyValue]) -> Task | None:
     try:
-        return Task.from_json(kv.value)
+        return tasklogs.assemble(Task.from_json(kv.value), tasklogs.chunks_of(chunks))
     except ValidationError as exc:
         # As in Store.list_tasks: one bad document must not take the listing down.
         log.warning(

@@ -37,11 +37,11 @@ from dataclasses import dataclass, field
 import trio
 
 from lpmosd import hooks, metrics, schema
-from lpmosd.documents import ServerEntry, Task
+from lpmosd.documents import Task
 from lpmosd.errors import ContentionError, EtcdUnavailableError, InputError, NotFoundError
 from lpmosd.etcd import Compare, KeyValue, Op, RangeResult, get, put
 from lpmosd.etcd.txn import MAX_TXN_OPS
-from lpmosd.store import Store, StoredTask, new_op_id
+from lpmosd.store import Store, StoredTask, new_op_id, task_write
 
 log = logging.getLogger("lpmosd.taskwriter")
 
@@ -78,7 +78,23 @@ class _Write:
     old: KeyValue
     value: bytes
     applied: list[tuple[_Pending, Task]]
-    ops: tuple[Op, Op]
+    ops: tuple[Op, ...]
+    #: The stored document ``value`` encodes (log lines moved to a chunk).
+    doc: Task
+
+
+def _within_txn_limit(writes: list[_Write]) -> list[list[_Write]]:
+    """``writes`` in groups whose ops fit one Txn: a write that drops log chunks deletes
+    their keys too, so tasks alone do not bound a batch's ops."""
+    groups: list[list[_Write]] = [[]]
+    ops = 0
+    for w in writes:
+        if groups[-1] and ops + len(w.ops) > MAX_TXN_OPS:
+            groups.append([])
+            ops = 0
+        groups[-1].append(w)
+        ops += len(w.ops)
+    return groups if groups[0] else []
 
 
 class TaskWriter:
@@ -263,11 +279,10 @@ class TaskWriter:
                 continue
             parsed = schema.parse_key(key)
             assert parsed is not None
-            value = task.to_json()
-            entry = put(
-                schema.server_key(parsed.idc, parsed.sn), ServerEntry.for_task(task).to_json()
-            )
-            writes.append(_Write(key, kv, value, applied, (put(key, value, lease=kv.lease), entry)))
+            doc, before, after = task_write(parsed.idc, parsed.sn, base, task)
+            value = doc.to_json()
+            ops = (*before, put(key, value, lease=kv.lease), *after)
+            writes.append(_Write(key, kv, value, applied, ops, doc))
         return writes
 
     async def _flush(self, batch: dict[str, list[_Pending]]) -> None:
@@ -287,8 +302,9 @@ class TaskWriter:
     async def _write(self, writes: list[_Write]) -> None:
         # Each round that fails drops at least one task (its compare failed, or it is gone),
         # so the tasks whose compares held are re-sent at once, uncharged, until they commit.
-        while writes:
-            writes = await self._write_once(writes)
+        for group in _within_txn_limit(writes):
+            while group:
+                group = await self._write_once(group)
 
     async def _write_once(self, writes: list[_Write]) -> list[_Write]:
         """One Txn of ``writes``; those that only failed because another task's compare
@@ -345,7 +361,7 @@ class TaskWriter:
             w.old.lease,
         )
         self._note(w.key, new_kv)
-        self._remember(w.key, revision, w.applied[-1][1])
+        self._remember(w.key, revision, w.doc)
         self.updates += len(w.applied)
         for p, task in w.applied:
             p.finish(StoredTask(task, revision, new_kv))

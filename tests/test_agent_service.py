@@ -102,7 +102,8 @@ async def test_an_agent_installs(world: World, client: EtcdClient) -> None:
     call = await world.agents.authorize("sn-001", auth(reg.agent_token))
     heard = await world.agents.heartbeat(call)
     assert heard.status is TaskStatus.INSTALLING and heard.lease_ttl > 0 and heard.committed
-    task = (await world.agents.logs(call, LogRequest(("hello",)))).task
+    assert (await world.agents.logs(call, LogRequest(("hello",)))).committed
+    task = (await world.store.get_task(IDC, "sn-001")).task
     assert task.logs[-1].endswith("[INFO] hello")
     call = await world.agents.authorize("sn-001", auth(reg.agent_token))
     task = (await world.agents.complete(call)).task

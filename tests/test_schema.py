@@ -17,6 +17,7 @@ from lpmosd.schema import (
     enrolment_key,
     idc_prefix,
     lease_key,
+    log_chunk_key,
     machine_prefix,
     machines_prefix,
     meta_key,
@@ -225,7 +226,28 @@ def test_built_keys_never_escape_their_prefix(idc: str, sn: str) -> None:
         assert parse_key(key) == ParsedKey(idc, kind, sn)  # type: ignore[arg-type]
 
 
-SEGMENTS = ["os", "OS", "dc1", "servers", "machines", "sn-1", "task", "meta", "lease", "..", ""]
+SEGMENTS = [
+    "os",
+    "OS",
+    "dc1",
+    "servers",
+    "machines",
+    "sn-1",
+    "task",
+    "meta",
+    "lease",
+    "..",
+    "",
+    "logs",
+    "000001",
+    "000000",
+    "0000001",
+    "999999",
+    "1000000",
+    "+00001",
+    " 00001",
+    "00001",
+]
 
 
 @given(
@@ -237,8 +259,63 @@ def test_parse_key_result_rebuilds_same_key(segments: list[str], lead: str) -> N
     parsed = parse_key(key)
     if parsed is None:
         return
+    if parsed.kind == "logs":
+        assert log_chunk_key(parsed.idc, parsed.sn, parsed.seq) == key
+        return
     builder = dict((kind, b) for b, kind in BUILDERS)[parsed.kind]
     assert builder(parsed.idc, parsed.sn) == key
+
+
+@pytest.mark.parametrize(
+    ("key", "seq"),
+    [
+        ("/os/dc1/machines/sn-001/logs/000001", 1),
+        ("/os/dc1/machines/sn-001/logs/999999", 999_999),
+        ("/os/dc1/machines/sn-001/logs/1000000", 1_000_000),
+        (b"/os/dc1/machines/sn-001/logs/000042", 42),
+    ],
+)
+def test_parse_key_log_chunks(key: str | bytes, seq: int) -> None:
+    assert parse_key(key) == ParsedKey("dc1", "logs", "sn-001", seq)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "/os/dc1/machines/sn-001/logs",
+        "/os/dc1/machines/sn-001/logs/",
+        "/os/dc1/machines/sn-001/logs/000000",  # seq starts at 1
+        "/os/dc1/machines/sn-001/logs/00001",  # fewer than 6 digits
+        "/os/dc1/machines/sn-001/logs/0000001",  # padded beyond 6: not a key we make
+        "/os/dc1/machines/sn-001/logs/+00001",
+        "/os/dc1/machines/sn-001/logs/ 00001",
+        "/os/dc1/machines/sn-001/logs/00000１",  # a full-width digit
+        "/os/dc1/machines/sn-001/logs/000001/x",
+        "/os/dc1/machines/sn-001/logs/000001\n",
+        "/os/dc1/machines/sn-001/logs/../task",
+        "/os/dc1/machines/../logs/000001",
+        "/os/dc1/machines/sn-001/log/000001",
+        "/os/dc1/servers/sn-001/logs/000001",
+        "/os/dc1/machines/sn-001/logs/99999999999999999999",  # beyond 2**63
+    ],
+)
+def test_parse_key_rejects_log_chunk_escapes(key: str) -> None:
+    assert parse_key(key) is None
+
+
+@pytest.mark.parametrize("seq", [0, -1, 2**63, True, 1.0, "1"])
+def test_log_chunk_key_refuses_bad_seq(seq: object) -> None:
+    with pytest.raises(ValidationError) as exc:
+        log_chunk_key("dc1", "sn-001", seq)  # type: ignore[arg-type]
+    assert exc.value.field == "seq"
+
+
+@given(idc=names, sn=names, seq=st.integers(1, 2**63 - 1))
+def test_log_chunk_keys_stay_under_their_machine(idc: str, sn: str, seq: int) -> None:
+    key = log_chunk_key(idc, sn, seq)
+    assert key.startswith(schema.logs_prefix(idc, sn))
+    assert key.startswith(machine_prefix(idc, sn))
+    assert parse_key(key) == ParsedKey(idc, "logs", sn, seq)
 
 
 @given(value=st.text(max_size=20))

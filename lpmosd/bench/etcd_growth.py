@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 import time
 from typing import Any
 
@@ -50,8 +51,47 @@ IDC = "bench-growth"
 PROGRESS = 24  # 6 steps, 4 reports each
 LOG_BATCHES = 12
 LOG_LINES = 20
-#: A typical installer output line.
-LOG_LINE = "Unpacking linux-image-6.1.0-18-amd64 (6.1.76-1) over (6.1.69-1) ...".ljust(90, ".")
+#: Typical installer output: apt's unpack lines, every one different (package, versions),
+#: 99.5 characters on average. Log chunks are stored compressed, so one line repeated would
+#: flatter the figure; varied lines compress like real output (3-4x in 20-line chunks).
+_PACKAGES = [
+    "linux-image-6.1.0-18-amd64",
+    "libc6",
+    "openssh-server",
+    "systemd",
+    "python3.11",
+    "libssl3",
+    "coreutils",
+    "grub-efi-amd64",
+    "bash",
+    "perl-base",
+    "libsystemd0",
+    "udev",
+    "dbus",
+    "vim-tiny",
+    "iproute2",
+    "isc-dhcp-client",
+    "tzdata",
+    "locales",
+    "ca-certificates",
+    "openssl",
+    "libgnutls30",
+    "libkrb5-3",
+    "e2fsprogs",
+    "util-linux",
+]
+
+
+def log_line(machine: int, batch: int, i: int) -> str:
+    """One installer-like line, different for every machine, batch and position."""
+    rng = random.Random(machine * 100_003 + batch * 101 + i)
+    pkg = f"{rng.choice(_PACKAGES)}{rng.randint(0, 99)}"
+    new = f"{rng.randint(1, 9)}.{rng.randint(0, 40)}.{rng.randint(0, 200)}-{rng.randint(1, 9)}"
+    old = f"{rng.randint(1, 9)}.{rng.randint(0, 40)}.{rng.randint(0, 200)}-{rng.randint(1, 9)}"
+    arch = rng.choice(("amd64", "all"))
+    return f"Unpacking {pkg}:{arch} ({new}) over ({old}) from ../{pkg}_{new}_{arch}.deb ..."
+
+
 HARDWARE: dict[str, Any] = {
     "cpu_model": "Intel(R) Xeon(R) Gold 6330 CPU @ 2.00GHz",
     "cpu_cores": 56,
@@ -95,12 +135,12 @@ async def one_install(store: Store, client: EtcdClient, machine: int) -> None:
     )
     await store.approve(IDC, sn, approved_by="bench")
     steps = ("partitioning", "formatting", "base-system", "packages", "bootloader", "network")
-    batch = [LOG_LINE] * LOG_LINES
     reports = [(s, pct) for s in steps for pct in (0, 33, 66, 100)][:PROGRESS]
     logs_every = max(1, len(reports) // LOG_BATCHES)
     for i, (step, pct) in enumerate(reports):
         await store.record_progress(IDC, sn, step=step, percent=pct, message=f"{step} {pct}%")
         if i % logs_every == 0:
+            batch = [log_line(machine, i, j) for j in range(LOG_LINES)]
             await store.append_logs(IDC, sn, batch)
     await store.finish(IDC, sn, outcome=TaskStatus.COMPLETED)
     await client.lease_revoke(lease.id)

@@ -79,12 +79,15 @@ class Write:
     """What an ``atomic_update`` function returns to run other ops in the same Txn.
 
     ``guards`` are extra compares; if one fails while the key itself is unchanged the
-    update stops with ``UpdateResult.guard_failed`` instead of retrying.
+    update stops with ``UpdateResult.guard_failed`` instead of retrying. ``before`` ops
+    come ahead of the key's put in the Txn, so watchers get their events first (a task's
+    log chunk is there when its document arrives).
     """
 
     value: bytes
     also: Sequence[Op] = ()
     guards: Sequence[Compare] = ()
+    before: Sequence[Op] = ()
 
 
 UpdateFn = Callable[[KeyValue | None], "bytes | Write | None"]
@@ -475,7 +478,7 @@ class EtcdClient:
             try:
                 r = await self.txn(
                     [guard, *write.guards],
-                    [Put(k, write.value, lease), *write.also],
+                    [*write.before, Put(k, write.value, lease), *write.also],
                     [Get(k)],
                     fence=fence,
                 )

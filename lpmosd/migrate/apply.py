@@ -36,7 +36,7 @@ from typing import Final
 
 import trio
 
-from lpmosd import schema, timestamps
+from lpmosd import schema, tasklogs, timestamps
 from lpmosd.errors import EtcdUnavailableError
 from lpmosd.etcd import Compare, EtcdClient, KeyValue, Op, RangeResult, delete, get, put
 from lpmosd.migrate import v2
@@ -137,9 +137,12 @@ def _txn(plan: Plan, item: Item, now: datetime) -> tuple[list[Compare], list[Op]
         Compare.absent(task_key),
         Compare.absent(rec_key),
     ]
+    # The task's lines go to a log chunk like any write's (see lpmosd.tasklogs).
+    doc, log_ops = tasklogs.stored_form(idc, sn, item.merged.task)
     success: list[Op] = [
+        *log_ops,
         put(server_key, item.merged.server.to_json()),
-        put(task_key, item.merged.task.to_json()),
+        put(task_key, doc.to_json()),
         put(rec_key, record.to_json()),
         delete(item.tasks.key),
     ]

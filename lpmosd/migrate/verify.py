@@ -15,10 +15,11 @@ For one IDC, at one revision:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from lpmosd import schema
+from lpmosd import schema, tasklogs
 from lpmosd.documents import ServerEntry, Task
 from lpmosd.errors import ValidationError
 from lpmosd.etcd import EtcdClient, KeyValue
@@ -83,12 +84,21 @@ def _first_difference(want: dict[str, Any], got: dict[str, Any]) -> str:
     return "encoding"
 
 
+def _assembled(task_kv: KeyValue, chunks: Mapping[int, tuple[str, ...]]) -> Task | None:
+    """The task as readers see it (lines from its chunks); None when not a valid task."""
+    try:
+        return tasklogs.assemble(Task.from_json(task_kv.value), chunks)
+    except ValidationError:
+        return None
+
+
 def _check_server(
     report: VerifyReport,
     sn: str,
     rec_kv: KeyValue,
     task_kv: KeyValue | None,
     server_kv: KeyValue | None,
+    chunks: Mapping[int, tuple[str, ...]],
 ) -> MigrationRecord | None:
     try:
         rec = MigrationRecord.from_json(rec_kv.value)
@@ -107,9 +117,13 @@ def _check_server(
         report.problems.append((sn, f"recorded v2 documents no longer merge: {exc.reason}"))
         return rec
     if task_kv.mod_revision == rec_kv.mod_revision:
-        if task_kv.value != want.task.to_json():
+        want_doc, _ = tasklogs.stored_form(rec.idc, rec.sn, want.task)
+        shown = _assembled(task_kv, chunks)
+        if task_kv.value != want_doc.to_json() or (
+            shown is not None and shown.to_dict() != want.task.to_dict()
+        ):
             try:
-                got = Task.from_json(task_kv.value).to_dict()
+                got = (shown or Task.from_json(task_kv.value)).to_dict()
                 where = _first_difference(want.task.to_dict(), got)
             except ValidationError:
                 where = "whole document (not a valid task)"
@@ -151,8 +165,10 @@ def verify_plan(
     tasks: dict[str, KeyValue],
     servers: dict[str, KeyValue],
     against: Export | None = None,
+    chunks: Mapping[str, Mapping[int, tuple[str, ...]]] | None = None,
 ) -> VerifyReport:
-    """Verify from an already-read snapshot (see :func:`verify`)."""
+    """Verify from an already-read snapshot (see :func:`verify`); ``chunks``: each
+    server's log chunks, to compare the task with its lines."""
     report = VerifyReport(plan.idc, plan.revision)
     if plan.list_kv is not None:
         report.problems.append(("-", f"the v2 server list {v2.list_key(plan.idc)} still exists"))
@@ -175,7 +191,14 @@ def verify_plan(
             report.unrecorded += 1
             report.notes.append((item.sn, "in v3 without a migration record: not compared"))
             continue
-        rec = _check_server(report, item.sn, rec_kv, tasks.get(item.sn), servers.get(item.sn))
+        rec = _check_server(
+            report,
+            item.sn,
+            rec_kv,
+            tasks.get(item.sn),
+            servers.get(item.sn),
+            (chunks or {}).get(item.sn, {}),
+        )
         if rec is not None:
             recs[item.sn] = rec
     if against is not None:
@@ -218,8 +241,14 @@ async def verify(client: EtcdClient, idc: str, *, against: Export | None = None)
     records = {kv.key.rsplit(b"/", 1)[-1].decode(): kv for kv in snap.records}
     servers = {kv.key.rsplit(b"/", 1)[-1].decode(): kv for kv in snap.servers}
     tasks: dict[str, KeyValue] = {}
+    chunk_kvs: dict[str, list[KeyValue]] = {}
     for kv in snap.machines:
         parsed = schema.parse_key(kv.key)
         if parsed is not None and parsed.kind == "task":
             tasks[parsed.sn] = kv
-    return verify_plan(plan, records=records, tasks=tasks, servers=servers, against=against)
+        elif parsed is not None and parsed.kind == "logs":
+            chunk_kvs.setdefault(parsed.sn, []).append(kv)
+    chunks = {sn: tasklogs.chunks_of(kvs) for sn, kvs in chunk_kvs.items()}
+    return verify_plan(
+        plan, records=records, tasks=tasks, servers=servers, against=against, chunks=chunks
+    )

@@ -34,7 +34,7 @@ from typing import Any, Final
 
 import trio
 
-from lpmosd import schema
+from lpmosd import schema, tasklogs
 from lpmosd.documents import MachineMeta, ProgressStep, Task, TaskStatus
 from lpmosd.errors import LpmosdError, UnavailableError
 from lpmosd.etcd import KeyValue
@@ -195,6 +195,13 @@ class Subscription:
     receive: trio.MemoryReceiveChannel[str]
 
 
+def _assembled(doc: Task, idc: str, sn: str, lookup: Callable[[str], KeyValue | None]) -> Task:
+    """``doc`` with the lines of its log chunks from the view. Writers put a chunk before
+    the document that lists it (same Txn, earlier event), so the view has it by now."""
+    found = (lookup(schema.log_chunk_key(idc, sn, c.seq)) for c in doc.log_chunks)
+    return tasklogs.assemble(doc, tasklogs.chunks_of(kv for kv in found if kv is not None))
+
+
 @dataclass(eq=False)
 class LiveHub:
     """The dashboard's event hub (one per control plane)."""
@@ -342,7 +349,7 @@ class LiveHub:
         first = not self.synced
         fresh: dict[str, MachineState] = {}
         for key, kv in view.items.items():
-            self._load(fresh, key, kv)
+            self._load(fresh, key, kv, view.get)
         if first:
             self.machines = fresh
             self.counts = {}
@@ -374,8 +381,16 @@ class LiveHub:
 
         return on_change
 
+    def _lookup(self, key: str) -> KeyValue | None:
+        return self._view.get(key) if self._view is not None else None
+
     @staticmethod
-    def _load(into: dict[str, MachineState], key: str, kv: KeyValue) -> None:
+    def _load(
+        into: dict[str, MachineState],
+        key: str,
+        kv: KeyValue,
+        lookup: Callable[[str], KeyValue | None],
+    ) -> None:
         parsed = schema.parse_key(key)
         if parsed is None or parsed.kind not in ("task", "meta", "lease"):
             return
@@ -385,7 +400,7 @@ class LiveHub:
             return
         try:
             if parsed.kind == "task":
-                task = Task.from_json(kv.value)
+                task = _assembled(Task.from_json(kv.value), parsed.idc, parsed.sn, lookup)
                 if not task.idc:  # a guide-shaped document: the key has the IDC
                     task = _with_idc(task, parsed.idc)
                 state.task, state.task_rev = task, kv.mod_revision
@@ -414,7 +429,7 @@ class LiveHub:
                 new.agent_online = False
         else:
             scratch: dict[str, MachineState] = {machine: new}
-            self._load(scratch, change.key, change.kv)
+            self._load(scratch, change.key, change.kv, self._lookup)
         self._sync_machine(machine, new, change.revision)
 
     def _sync_machine(self, machine: str, new: MachineState, revision: int) -> None:

@@ -11,6 +11,7 @@ for the regional, and ``lpmosd agent``, each its own process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -25,8 +26,11 @@ import trio
 from provisioning_kit import GUIDE_TASK
 
 from lpmosd import schema
+from lpmosd.documents import Task
+from lpmosd.errors import NotFoundError
 from lpmosd.etcd import EtcdClient, open_client
 from lpmosd.roles.reaper import HEARTBEAT_LOST
+from lpmosd.store import Store
 
 from .conftest import Cluster, Proc
 
@@ -36,21 +40,18 @@ TASK_KEY = schema.task_key(IDC, SN)
 
 
 async def task_doc(client: EtcdClient, sn: str = SN) -> dict[str, Any]:
-    kv = await client.get(schema.task_key(IDC, sn))
-    assert kv is not None, f"no task key for {sn}"
-    doc: dict[str, Any] = json.loads(kv.value)
-    return doc
+    """The task as the API shows it: the document with its log chunks' lines."""
+    return (await Store(client).get_task(IDC, sn)).task.to_dict()
 
 
 async def wait_task(
     client: EtcdClient, predicate: Any, *, timeout: float, what: str, cluster: Cluster
 ) -> dict[str, Any]:
-    """Poll the raw task document until ``predicate(doc)``."""
+    """Poll the task (as the API shows it, log lines included) until ``predicate(doc)``."""
     with trio.move_on_after(timeout):
         while True:
-            kv = await client.get(TASK_KEY)
-            if kv is not None:
-                doc: dict[str, Any] = json.loads(kv.value)
+            with contextlib.suppress(NotFoundError):
+                doc = await task_doc(client)
                 if predicate(doc):
                     return doc
             await trio.sleep(0.02)
@@ -120,6 +121,11 @@ async def test_guide_flow_in_processes(cluster: Cluster) -> None:
             kv.key.decode(): kv for kv in snapshot.kvs if not kv.key.decode().startswith(election)
         }
         assert len(snapshot.kvs) == len(keys) + 1, "the regional's candidate key is there too"
+        # The log lines are in chunk keys, exactly those the stored document lists.
+        chunks = {k for k in keys if k.startswith(schema.logs_prefix(IDC, SN))}
+        stored = Task.from_json(keys[TASK_KEY].value)
+        assert chunks == {schema.log_chunk_key(IDC, SN, c.seq) for c in stored.log_chunks}
+        keys = {k: kv for k, kv in keys.items() if k not in chunks}
         assert set(keys) == {
             "/os/dc1/servers/sn-001",
             "/os/dc1/machines/sn-001/task",
@@ -134,7 +140,8 @@ async def test_guide_flow_in_processes(cluster: Cluster) -> None:
         assert server["status"] == "completed" and server["sn"] == SN and server["mac"] == MAC
         check_ts(server["added_at"], "server.added_at")
 
-        task = json.loads(keys["/os/dc1/machines/sn-001/task"].value)
+        assert json.loads(keys[TASK_KEY].value)["logs"] == [], "lines live in chunks"
+        task = await task_doc(client)
         guide_fields = [
             "task_id", "sn", "mac", "os_type", "os_version", "disk_layout", "network_config",
             "status", "status_history", "progress", "logs", "approval",

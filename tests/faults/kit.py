@@ -17,9 +17,7 @@ import httpx
 import trio
 from provisioning_kit import GUIDE_TASK, register_agent
 
-from lpmosd import schema
 from lpmosd.api_requests import CreateTaskRequest
-from lpmosd.documents import Task
 from lpmosd.etcd import EtcdClient
 from lpmosd.store import Store
 
@@ -97,8 +95,14 @@ class Fleet:
         async with httpx.AsyncClient(base_url=self.url, headers=agent.headers, timeout=5) as http:
             while not stop.is_set() and len(agent.acked) < MAX_LINES:
                 line = agent.line()
+                # Like the real agent: one Idempotency-Key per report, the same on every
+                # resend. A report answered 202 (journaled: etcd did not take it) and sent
+                # again is then applied once, not once by the journal and once by the resend.
+                key = {"Idempotency-Key": f"log-{len(agent.acked)}"}
                 try:
-                    r = await http.post(f"/api/v1/agent/{agent.sn}/logs", json={"lines": [line]})
+                    r = await http.post(
+                        f"/api/v1/agent/{agent.sn}/logs", json={"lines": [line]}, headers=key
+                    )
                     ok = r.status_code == 200
                     if ok and len(agent.acked) % 10 == 0:
                         percent = min(99, 1 + len(agent.acked) // 4)
@@ -130,9 +134,7 @@ class Fleet:
         """Compare etcd's task documents with the acknowledgements."""
         acked = lost = duplicated = 0
         for agent in self.agents:
-            kv = await client.get(schema.task_key(IDC, agent.sn))
-            assert kv is not None
-            task = Task.from_json(kv.value)
+            task = (await Store(client).get_task(IDC, agent.sn)).task  # lines assembled
             assert task.logs_dropped == 0, "the test must stay under the log cap"
             texts = Counter(line.split("] ", 1)[1] for line in task.logs if "] " in line)
             acked += len(agent.acked)

@@ -53,9 +53,15 @@ async def acked_more(fleet: Fleet, count: int, *, timeout: float = 30) -> None:
 
 
 async def view_matches_etcd(view: PrefixView, client: EtcdClient) -> None:
-    """The view holds exactly what a Range of its prefix returns (once it caught up)."""
+    """The view holds exactly what a Range of its prefix returns (once it caught up).
+
+    Caught up: it has the newest write under its prefix. Its revision moves only with
+    events under the prefix, so it can stay below the Range's (header) revision for good:
+    the servers view hears nothing while writes keep a server's status.
+    """
     listing = await client.get_prefix(view.prefix)
-    await wait_for(lambda: view.revision >= listing.revision, what="the view to catch up")
+    newest = max((kv.mod_revision for kv in listing.kvs), default=0)
+    await wait_for(lambda: view.revision >= newest, what="the view to catch up")
     want = {kv.key.decode(): (kv.value, kv.mod_revision) for kv in listing.kvs}
     have = {key: (kv.value, kv.mod_revision) for key, kv in view.items.items()}
     assert have == want

@@ -13,7 +13,7 @@ from datetime import timedelta
 import pytest
 import trio
 
-from lpmosd import lifecycle, schema, timestamps
+from lpmosd import lifecycle, schema, tasklogs, timestamps
 from lpmosd.api_requests import CreateTaskRequest
 from lpmosd.documents import Task
 from lpmosd.etcd import EtcdClient
@@ -86,7 +86,10 @@ async def test_500_servers_across_3_idcs(client: EtcdClient) -> None:
     # The daemon can read every task and server entry it finds.
     for idc in FLEET:
         for kv in (await client.get_prefix(schema.machines_prefix(idc))).kvs:
-            Task.from_json(kv.value)
+            parsed = schema.parse_key(kv.key)
+            assert parsed is not None and parsed.kind in ("task", "logs")
+            if parsed.kind == "task":
+                Task.from_json(kv.value)
     # Idempotent: a second run changes nothing.
     before = (await client.get_prefix("/")).kvs
     again = await apply(client, "dc1")
@@ -336,6 +339,14 @@ async def test_verify_sees_a_tampered_task_and_tolerates_daemon_updates(
     report = await verify(client, "dc1")
     assert not report.passed
     assert report.problems == [("sn-00002", "v3 task identity differs from v2: mac")]
+    # The task's log lines moved to a chunk key in the migration's Txn: verify reads
+    # them with the document, so a changed line is a difference too.
+    chunk_key = schema.log_chunk_key("dc1", "sn-00004", 1)
+    chunk = await client.get(chunk_key)
+    assert chunk is not None and tasklogs.chunk_lines(chunk.value)
+    await client.put(chunk_key, json.dumps(["forged"]))
+    report = await verify(client, "dc1")
+    assert ("sn-00004", "v3 task differs from the v2 documents (at logs)") in report.problems
     # A migrated task deleted from v3 is a problem too.
     await client.delete(schema.task_key("dc1", "sn-00003"))
     report = await verify(client, "dc1")
