@@ -17,10 +17,10 @@ from typing import IO, TypeVar
 import pytest
 import trio
 
-from lpmosd import cli, lifecycle, schema, timestamps
+from lpmosd import cli, inspect, lifecycle, schema, tasklogs, timestamps
 from lpmosd.api_requests import CreateTaskRequest
 from lpmosd.documents import ServerEntry, Task
-from lpmosd.etcd import EtcdClient, open_client
+from lpmosd.etcd import EtcdClient, EventType, KeyValue, WatchEvent, open_client
 from lpmosd.etcd_process import EtcdProcess
 from lpmosd.migrate import v2
 
@@ -294,3 +294,21 @@ def test_watch_streams_changes_and_stops_cleanly_on_ctrl_c(
             proc.wait()
         out.close()
         err.close()
+
+
+def test_watch_renders_a_log_chunk_as_its_lines() -> None:
+    """Log lines are in chunk keys (see lpmosd.tasklogs): ``watch`` prints a chunk's lines
+    when it is put (compressed or not); the cap deleting old chunks is not news."""
+    key = schema.log_chunk_key("dc1", "sn-001", 7)
+    lines = [f"2026-01-30T12:00:00Z [INFO] line {i}" for i in range(30)]
+    value = tasklogs.chunk_value(lines)
+    assert not value.startswith(b"[")  # 30 lines compress
+    put_event = WatchEvent(EventType.PUT, KeyValue(key.encode(), value, 5, 5, 1, 0))
+    out = inspect.render_event(put_event)
+    assert [line.split(" log ", 1)[1] for line in out] == lines
+    assert all(" dc1/sn-001 log " in line for line in out)
+    assert inspect.render_event(put_event, logs=False) == []
+    gone = WatchEvent(EventType.DELETE, KeyValue(key.encode(), b"", 5, 6, 0, 0))
+    assert inspect.render_event(gone) == []
+    junk = WatchEvent(EventType.PUT, KeyValue(key.encode(), b"\x00junk", 5, 8, 2, 0))
+    assert inspect.render_event(junk)[0].endswith("log chunk written (unreadable)")

@@ -35,6 +35,8 @@ HARDWARE: dict[str, Any] = {
 }
 
 API = "/api/v1/agent"
+#: Seconds a simulated agent keeps retrying a call (the real agent's RetryPolicy.total).
+GIVE_UP_AFTER = 600.0
 
 
 class HttpError(Exception):
@@ -186,25 +188,37 @@ class SimAgent:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     async def call(
-        self, kind: str, path: str, body: Mapping[str, Any] | None, *, retries: int = 20
+        self,
+        kind: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+        *,
+        give_up_after: float = GIVE_UP_AFTER,
     ) -> tuple[int, dict[str, Any]]:
-        """One API call (retried on 503 and connection failures, as the real agent does)."""
+        """One API call, retried on 429/503 and connection failures for up to
+        ``give_up_after`` seconds, as the real agent does (0: one attempt)."""
         data = json.dumps(body, separators=(",", ":")).encode() if body is not None else b""
         conn, lock = (
             (self.hb_conn, self._hb_lock) if kind == "heartbeat" else (self.conn, self._lock)
         )
-        for attempt in range(retries):
+        started = time.perf_counter()
+        attempt = 0
+        while True:
+            attempt += 1
+            last = time.perf_counter() - started >= give_up_after
             t0 = time.perf_counter()
             try:
                 async with lock:  # one HTTP/1.1 connection: one request at a time
                     status, raw = await conn.request("POST", path, data, self._headers())
             except HttpError as exc:
                 self.stats.errors.append(f"{kind}: {exc}")
+                if last:
+                    return 0, {}
                 await trio.sleep(min(1.0, 0.05 * 2**attempt))
                 continue
             latency = time.perf_counter() - t0
             self.stats.note(kind, status, latency)
-            if status in (429, 503) and attempt < retries - 1:
+            if status in (429, 503) and not last:
                 await trio.sleep(retry_delay(conn.last_headers.get("retry-after"), attempt))
                 continue
             try:
@@ -212,7 +226,6 @@ class SimAgent:
             except ValueError:
                 parsed = {}
             return status, parsed if isinstance(parsed, dict) else {}
-        return 0, {}
 
     async def register(self) -> bool:
         """``POST /register``; keeps the agent token when one is handed out."""
@@ -230,11 +243,17 @@ class SimAgent:
     async def heartbeat(self) -> bool:
         """``POST /{sn}/heartbeat``; records its send time when acknowledged."""
         sent = time.time()
-        status, _ = await self.call("heartbeat", f"{API}/{self.sn}/heartbeat", None, retries=1)
+        status, _ = await self.call(
+            "heartbeat", f"{API}/{self.sn}/heartbeat", None, give_up_after=0
+        )
         if status == 200:
             self.stats.heartbeats += 1
             self.stats.last_heartbeat[self.sn] = sent
             return True
+        if status == 409:
+            # The lease is gone (e.g. it lapsed while the regional was down): the real agent
+            # registers again with its secret and token, and so does this one.
+            return await self.register()
         return False
 
     async def heartbeat_loop(self, stop: trio.Event) -> None:
@@ -253,7 +272,7 @@ class SimAgent:
             f"{API}/{self.sn}/progress",
             {"step": step, "percent": percent, "message": message},
         )
-        if status != 200:
+        if status not in (200, 202):  # 202: journaled (etcd away), applied later
             self.stats.errors.append(f"progress {self.sn} {step}: {status} {reply}")
             return False
         self.stats.progress.append((t0, time.perf_counter() - t0))
@@ -271,7 +290,7 @@ class SimAgent:
     async def complete(self) -> bool:
         """``POST /{sn}/complete``."""
         status, reply = await self.call("complete", f"{API}/{self.sn}/complete", None)
-        if status != 200:
+        if status not in (200, 202):
             self.stats.errors.append(f"complete {self.sn}: {status} {reply}")
             return False
         self.stats.completed += 1

@@ -7,7 +7,8 @@ N tasks are created and approved through :class:`~lpmosd.store.Store` (the opera
 is not what is measured). Then N simulated agents (:mod:`lpmosd.bench.agents`) each
 register, report ``--steps`` progress steps and complete, heart-beating meanwhile, through
 the regional's HTTP API, as fast as the regional answers (closed loop: each agent sends its
-next report when the previous one is answered). Agents start over N/500 seconds (machines
+next report when the previous one is answered). Agents start over N/500 seconds (N/100 in
+the realistic model; ``--ramp``) (machines
 do not all boot in the same millisecond), each with its own HTTP/1.1 connections (one for
 heartbeats).
 
@@ -331,10 +332,13 @@ async def run(
     profile: bool = False,
     model: str = "closed",
     servers: list[str] | None = None,
+    ramp: float | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark; returns the results written to JSON."""
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}")
+    # bench-results/fleet.json (closed loop) and fleet-realistic.json: one file per model.
+    name = NAME if model == "closed" else f"{NAME}-{model}"
     sizes = sizes or ([100] if opts.quick else [100, 1000, 5000])
     hb = heartbeat or (2 if opts.quick else 10)
     ceiling_s = ceiling_seconds or (2.0 if opts.quick else 4.0)
@@ -354,7 +358,12 @@ async def run(
             for n in sizes:
                 for server in servers or ["lean"]:
                     prof = opts.results_dir / "raw" if profile else None
-                    ramp = n / 500
+                    # Closed loop: agents start over n/500 s. Realistic: n/100 s (100
+                    # machines booting a second; 10,000 are all installing at once from
+                    # 100 s to ~150 s, each install taking ~150 s).
+                    ramp_n = (
+                        ramp if ramp is not None else n / (100 if model == "realistic" else 500)
+                    )
                     results.append(
                         await run_size(
                             client,
@@ -365,7 +374,7 @@ async def run(
                             ceiling_s,
                             Path(tmp),
                             prof,
-                            ramp,
+                            ramp_n,
                             model,
                             server,
                         )
@@ -427,18 +436,18 @@ async def run(
             for name, pct in r["regional_profile"].items():
                 print(f"  {pct:5.1f}%  {name}")
     out: dict[str, Any] = {
-        "benchmark": NAME,
+        "benchmark": name,
         "quick": opts.quick,
         "machine": machine_info(),
         "results": results,
         "markdown": md,
     }
-    png = plot_path(opts, NAME)
+    png = plot_path(opts, name)
     if png is not None:
         _plot(png, results)
         print(f"plot: {png}")
         out["plot"] = str(png)
-    path = write_results(opts, NAME, out)
+    path = write_results(opts, name, out)
     print(f"results: {path}")
     return out
 
@@ -504,6 +513,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="sample the regional with py-spy and report where its time goes",
     )
     p.add_argument(
+        "--ramp",
+        type=float,
+        help="seconds over which the agents start (default n/500; realistic n/100)",
+    )
+    p.add_argument(
         "--http-server",
         default="lean",
         help="the regional's HTTP server(s), comma-separated, measured one after the other "
@@ -518,5 +532,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             profile=a.profile,
             model=a.model,
             servers=a.http_server.split(","),
+            ramp=a.ramp,
         )
     )

@@ -219,10 +219,21 @@ class _CoalescingWriter:
 
 
 class _Channel(grpclib.client.Channel):
-    """A grpclib channel whose connections coalesce their writes (see above)."""
+    """A grpclib channel whose connections coalesce their writes (see above), counting
+    what they receive (``received``): a call that timed out on a channel that meanwhile
+    received answers met a slow etcd, not a dead connection."""
+
+    received = 0
 
     async def _create_connection(self) -> Any:
         protocol = await super()._create_connection()
+        inner_received = protocol.data_received
+
+        def data_received(data: bytes) -> None:
+            self.received += 1
+            inner_received(data)
+
+        protocol.data_received = data_received  # type: ignore[method-assign]
         connection = protocol.connection
         inner = connection._transport
         if isinstance(inner, asyncio.WriteTransport):
@@ -335,6 +346,7 @@ class Transport:
         """One unary call on the current endpoint; failures are mapped (and fail over)."""
         index = self.current
         chan = self._channel(index)
+        received = getattr(chan, "received", 0)
         sent = _Sent()
         try:
             reply: RepT = await trio_asyncio.aio_as_trio(_unary_call)(
@@ -345,7 +357,12 @@ class Transport:
             raise
         except BaseException as exc:
             err = map_error(exc, sent=sent.value)
-            if isinstance(err, EtcdUnavailableError):
+            # A deadline missed while the connection kept receiving (other answers, watch
+            # events) is a slow etcd, not a dead link: closing the channel would fail every
+            # call and stream on it (measured: under load one slow call tore down the
+            # regional's session keepalive and watches with it, again and again).
+            slow = isinstance(exc, TimeoutError) and getattr(chan, "received", 0) > received
+            if isinstance(err, EtcdUnavailableError) and not slow:
                 self.failover(index)
             raise err from None
         finally:

@@ -336,6 +336,9 @@ class LeanServer:
             raise BadRequest("non-ASCII request head") from None
         req = _parse_head(head)
         body = BodyReader(conn, req.length, req.chunked)
+        if not body.done and req.first.get(b"expect", b"").lower() == b"100-continue":
+            # curl waits a second for this before sending a body over 1 KiB.
+            await conn.stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
         path, _, query = req.target.partition(b"?")
         fast = self.fast
         route = fast.match(req.method, path) if fast is not None else None

@@ -214,7 +214,17 @@ async def test_malformed_requests(etcd: EtcdProcess, aio_loop: None) -> None:
         both_lengths = b"Content-Length: 1\r\nTransfer-Encoding: chunked\r\n"
         answer = await raw(b"POST /api/v1/agent/x/progress HTTP/1.1\r\n" + both_lengths + b"\r\n")
         assert answer.startswith(b"HTTP/1.1 400 ")
-        # Two requests on one connection, the second after the first's answer; then close.
+        # curl's Expect: 100-continue is answered before the body is sent.
+        expect = (
+            b"POST /api/v1/agent/sn-001/heartbeat HTTP/1.1\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 2\r\nConnection: close\r\n\r\n"
+        )
+        stream = await trio.open_tcp_stream("127.0.0.1", url.port or 0)
+        async with stream:
+            await stream.send_all(expect)
+            with trio.fail_after(5):
+                assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 100 Continue")
+                # Two requests on one connection, the second after the first's answer; then close.
         two = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 2
         answer = await raw(two + b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
         assert answer.count(b"HTTP/1.1 200 ") == 3
