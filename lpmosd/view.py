@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 import trio
 
@@ -18,6 +19,9 @@ from lpmosd.errors import CompactedError
 from lpmosd.etcd import EtcdClient, EventType, KeyValue, WatchEvent, watch
 
 log = logging.getLogger("lpmosd.view")
+
+#: Changed keys told to listeners between two yields to the scheduler during a relist.
+RELIST_SLICE: Final = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,12 +89,21 @@ class PrefixView:
         self.items = fresh
         self.revision = result.revision
         self.relists += 1
+        # Listeners decode what they are told: with tens of thousands of keys that takes
+        # seconds, so yield now and then (the session's keepalives must get through). A key
+        # our own writes changed meanwhile (observe/forget) is left to the watch, which
+        # starts after this relist's revision and reports it.
+        emitted = 0
         for key, kv in fresh.items():
             prev = old.get(key)
             if prev is None or prev.mod_revision != kv.mod_revision:
-                self._emit(Change(key, kv, prev, result.revision, relisted=True))
+                if self.items.get(key) is kv:
+                    self._emit(Change(key, kv, prev, result.revision, relisted=True))
+                emitted += 1
+                if emitted % RELIST_SLICE == 0:
+                    await trio.lowlevel.checkpoint()
         for key, prev in old.items():
-            if key not in fresh:
+            if key not in fresh and key not in self.items:
                 self._emit(Change(key, None, prev, result.revision, relisted=True))
 
     def _apply(self, event: WatchEvent) -> None:

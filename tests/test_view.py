@@ -6,9 +6,9 @@ import pytest
 import trio
 from provisioning_kit import open_proxy, wait_for
 
-from lpmosd.etcd import EtcdClient, KeyValue, open_client
+from lpmosd.etcd import EtcdClient, KeyValue, open_client, put
 from lpmosd.etcd_process import EtcdProcess
-from lpmosd.view import Change, PrefixView
+from lpmosd.view import RELIST_SLICE, Change, PrefixView
 
 PREFIX = "/os/dc1/machines/"
 
@@ -168,3 +168,39 @@ async def test_listener_errors_do_not_stop_the_view(
 @pytest.fixture(autouse=True)
 def use_aio_loop(aio_loop: None) -> None:
     """Open the test's trio-asyncio loop before anything else (see tests/conftest.py)."""
+
+
+async def test_a_big_relist_lets_other_tasks_run(client: EtcdClient) -> None:
+    """Listeners decode what a relist tells them: with many keys that is seconds of work,
+    so the relist yields every RELIST_SLICE keys (a session's keepalive must get through)."""
+    count = 8 * RELIST_SLICE
+    for start in range(0, count, 128):
+        await client.txn(
+            [], [put(f"/big/{i:05d}", "v") for i in range(start, min(count, start + 128))]
+        )
+    view = PrefixView(client, "/big/")
+    told = 0
+    told_at_tick = 0
+    longest = 0
+
+    def listener(change: Change) -> None:
+        nonlocal told, longest
+        told += 1
+        longest = max(longest, told - told_at_tick)
+
+    view.listeners.append(listener)
+
+    async def ticker() -> None:
+        nonlocal told_at_tick
+        while not view.synced.is_set():
+            told_at_tick = told
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        await nursery.start(view.run)
+        nursery.cancel_scope.cancel()
+    assert told == count
+    # Trio may run the ticker before the relist in one batch and after it in the next:
+    # two slices at most between two of its turns (all of them, without the yields).
+    assert longest <= 2 * RELIST_SLICE, f"{longest} changes told without a yield"

@@ -15,7 +15,7 @@ history (:mod:`lpmosd.compaction`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -77,7 +77,7 @@ class ControlPlane:
         return self.reaper.lease_losses
 
     #: Called with each session's view once it has synced (the dashboard's hub follows it).
-    view_hooks: list[Callable[[PrefixView], None]] = field(default_factory=list)
+    view_hooks: list[Callable[[PrefixView], Awaitable[None]]] = field(default_factory=list)
     #: Tells one dead machine from a sick IDC (every instance keeps one per session; only
     #: the leader's fails tasks). None while no session runs, or when disabled.
     guard: DisruptionGuard | None = None
@@ -145,11 +145,11 @@ class ControlPlane:
                 await nursery.start(self.tokens.run)
                 self.view = view
                 for hook in self.view_hooks:
-                    hook(view)
+                    await hook(view)
                 if guard is not None:
                     guard.load()
                     # Found at start: what happened meanwhile is unknown (a TTL of grace).
-                    for idc, sn in orphans(view):
+                    for idc, sn in await orphans(view):
                         guard.found_orphan(idc, sn)
                     await nursery.start(guard.run)
                     self.guard = guard

@@ -16,6 +16,7 @@ happened while no reaper ran.
 from __future__ import annotations
 
 import logging
+from typing import Final
 
 import trio
 
@@ -31,31 +32,38 @@ from lpmosd.view import Change, PrefixView
 log = logging.getLogger("lpmosd.reaper")
 
 HEARTBEAT_LOST = "agent heartbeat lost"
+#: Documents decoded between two yields to the scheduler while scanning a view.
+SCAN_SLICE: Final = 256
 #: Reaper tasks sharing the queue of vanished lease keys.
 REAPER_WORKERS = 16
 
 
-def orphans(view: PrefixView) -> list[tuple[str, str]]:
-    """Machines whose task had an agent and has no lease key: ``(idc, sn)``.
+async def orphans(view: PrefixView) -> list[tuple[str, str]]:
+    """Machines whose task had an agent and has no lease key: ``(idc, sn)``, as the view
+    stood when called (it is read a slice at a time, yielding in between: tens of thousands
+    of documents take seconds to decode, which must not starve the session's keepalives).
 
     An installing task always had one. An approved one had one if an agent token was
     issued for this attempt (registration writes it with the lease key; a retry deletes
     it): without one the machine simply has not booted yet.
     """
+    snapshot = dict(view.items)
     found = []
-    for key, kv in list(view.items.items()):
+    for i, (key, kv) in enumerate(snapshot.items()):
+        if i % SCAN_SLICE == SCAN_SLICE - 1:
+            await trio.lowlevel.checkpoint()
         parsed = schema.parse_key(key)
         if parsed is None or parsed.kind != "task":
             continue
         idc, sn = parsed.idc, parsed.sn
-        if view.get(schema.lease_key(idc, sn)) is not None:
+        if snapshot.get(schema.lease_key(idc, sn)) is not None:
             continue
         try:
             status = Task.from_json(kv.value).status
         except Exception:
             continue  # an unreadable document is reported by whoever reads it
         if status is TaskStatus.INSTALLING or (
-            status in ACTIVE_AGENT and view.get(schema.agent_token_key(idc, sn)) is not None
+            status in ACTIVE_AGENT and snapshot.get(schema.agent_token_key(idc, sn)) is not None
         ):
             found.append((idc, sn))
     return found
@@ -94,9 +102,9 @@ class Reaper:
             return
         self.enqueue(parsed.idc, parsed.sn, "deleted")
 
-    def scan(self, view: PrefixView) -> int:
+    async def scan(self, view: PrefixView) -> int:
         """Queue every task that had an agent and has no lease key; how many."""
-        found = orphans(view)
+        found = await orphans(view)
         for idc, sn in found:
             self.enqueue(idc, sn, "absent at start")
         return len(found)
@@ -113,11 +121,11 @@ class Reaper:
         """Follow ``view`` (already synced) and reap until cancelled. With ``follow``
         false it reaps only what is :meth:`enqueue`d (the disruption guard decides)."""
         self.view = view
-        # Listen, then scan, with no checkpoint between: a delete the view applies from
-        # here on reaches the listener, any earlier one shows in the items scanned.
+        # Listen, then scan, with no checkpoint between the two: a delete the view applies
+        # from here on reaches the listener, any earlier one shows in the snapshot scanned.
         if follow:
             view.listeners.append(self.on_change)
-            self.scan(view)
+            await self.scan(view)
         try:
             async with open_nursery() as nursery:
                 # Several workers: when many agents die at once (a rack loses power) their

@@ -167,7 +167,7 @@ def install_dashboard(app: QuartTrio, cp: ControlPlane) -> LiveHub:
     hub = LiveHub()
     ROLE_METRICS.add_hub(hub)
     ROLE_METRICS.add_session(cp.session)
-    cp.view_hooks.append(hub.attach)
+    cp.view_hooks.append(hub.load)
     cp.unreachable_hooks.append(hub.set_unreachable)
     if cp.view is not None:
         hub.attach(cp.view)

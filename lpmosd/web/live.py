@@ -43,6 +43,9 @@ from lpmosd.view import Change, PrefixView
 
 log = logging.getLogger("lpmosd.dashboard")
 
+#: Keys decoded between two yields to the scheduler while a view is loaded.
+LOAD_SLICE: Final = 256
+
 #: Events kept for resuming browsers (a few minutes of a busy provisioning day).
 RING_SIZE: Final = 2048
 #: Frames queued per browser before it counts as too slow and is disconnected.
@@ -346,10 +349,44 @@ class LiveHub:
         after a lost session — is diffed against what the hub knows, and the differences
         are published like live changes, so browsers miss nothing that happened meanwhile.
         """
-        first = not self.synced
         fresh: dict[str, MachineState] = {}
         for key, kv in view.items.items():
             self._load(fresh, key, kv, view.get)
+        self._take(view, fresh)
+
+    async def load(self, view: PrefixView) -> None:
+        """:meth:`attach`, decoding the view a slice at a time: with tens of thousands of
+        tasks one pass takes seconds, which would starve the session's keepalives (the
+        lease lost, the session restarted, the view loaded again...)."""
+        snapshot = dict(view.items)
+        fresh: dict[str, MachineState] = {}
+        for i, (key, kv) in enumerate(snapshot.items()):
+            self._load(fresh, key, kv, snapshot.get)
+            if i % LOAD_SLICE == LOAD_SLICE - 1:
+                await trio.lowlevel.checkpoint()
+        # The view moved on meanwhile: decode again the machines whose keys changed, then
+        # take it all without yielding, so no change falls between the load and the listener.
+        current = view.items
+        redo = set()
+        for key in snapshot.keys() | current.keys():
+            if current.get(key) is not snapshot.get(key):
+                parsed = schema.parse_key(key)
+                if parsed is not None and parsed.kind != "server":
+                    redo.add((parsed.idc, parsed.sn))
+        for idc, sn in redo:
+            fresh.pop(machine_id(idc, sn), None)
+            for key in (
+                schema.task_key(idc, sn),
+                schema.meta_key(idc, sn),
+                schema.lease_key(idc, sn),
+            ):
+                found = current.get(key)
+                if found is not None:
+                    self._load(fresh, key, found, view.get)
+        self._take(view, fresh)
+
+    def _take(self, view: PrefixView, fresh: dict[str, MachineState]) -> None:
+        first = not self.synced
         if first:
             self.machines = fresh
             self.counts = {}

@@ -14,6 +14,7 @@ from lpmosd.documents import Task
 from lpmosd.etcd import EtcdClient, KeyValue
 from lpmosd.view import Change, PrefixView
 from lpmosd.web.live import (
+    LOAD_SLICE,
     LiveHub,
     current_step,
     format_event_id,
@@ -318,3 +319,63 @@ def test_table_pages_follow_their_cursors() -> None:
     assert prev.machines == ["dc2/sn-22", "dc2/sn-23"] and prev.has_prev and prev.has_next
     assert table_page(hub, status="cancelled").machines == []
     assert table_page(hub, idc="dc9").machines == []
+
+
+async def test_load_yields_and_keeps_what_changed_meanwhile() -> None:
+    """A fleet's view is decoded a slice at a time (the session's keepalives run in
+    between); keys changed while it loads — a status change, a new task, a deleted one —
+    are taken as they are when the load ends, and later changes reach the listener."""
+    count = 12 * LOAD_SLICE
+    items = {}
+    for i in range(count):
+        task = new_task(sn=f"sn-{i:04d}", task_id=f"task-{i}")
+        key = schema.task_key("dc1", task.sn)
+        items[key] = kv(key, task.to_json(), 10 + i)
+    view = synced_view(items, 10 + count)
+    hub = LiveHub()
+    rev = view.revision
+    changed: list[str] = []
+    steps = 0
+
+    async def meanwhile() -> None:
+        nonlocal rev, steps
+        # Two turns: the load, started in the same batch, has taken its snapshot by now.
+        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint()
+        while not hub.synced:
+            steps += 1
+            i = 3 * steps
+            rev += 1
+            if steps == 1:
+                key = schema.task_key("dc1", f"sn-{i:04d}")
+                del view.items[key]
+                changed.append(f"-{i}")
+            elif steps == 2:
+                task = new_task(sn="sn-new", task_id="task-new")
+                key = schema.task_key("dc1", task.sn)
+                view.items[key] = kv(key, task.to_json(), rev)
+                changed.append("+new")
+            else:
+                key = schema.task_key("dc1", f"sn-{i:04d}")
+                task = Task.from_json(view.items[key].value)
+                approved = lifecycle.approve(task, approved_by="op", now=T0)
+                view.items[key] = kv(key, approved.to_json(), rev)
+                changed.append(f"approved {i}")
+            view.revision = rev
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.load, view)
+        nursery.start_soon(meanwhile)
+    assert steps >= 3, f"the load did not yield while decoding {count} documents"
+    tasks = {m: t for m, t, _ in hub.tasks()}
+    expected = {
+        f"dc1/{Task.from_json(kv.value).sn}": Task.from_json(kv.value).status
+        for key, kv in view.items.items()
+    }
+    assert {m: t.status for m, t in tasks.items()} == expected, changed
+    assert "dc1/sn-new" in tasks and "dc1/sn-0003" not in tasks
+    # The listener follows from here.
+    later = new_task(sn="sn-later", task_id="task-later")
+    view._emit(task_change(later, rev + 1))
+    assert "dc1/sn-later" in {m for m, _, _ in hub.tasks()}
